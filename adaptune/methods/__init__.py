@@ -1,0 +1,3 @@
+"""Adapter methods. Each module registers itself; adding a method is one file and one import line here."""
+
+from adaptune.methods import full, linear  # noqa: F401

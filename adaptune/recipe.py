@@ -1,0 +1,468 @@
+"""Recipes: YAML into frozen, validated dataclasses.
+
+A recipe has five sections (``backbone``, ``method``, ``data``, ``train``, ``output``). Loading is strict: unknown
+keys, wrong types and out-of-range values are all collected and raised together as one `RecipeError`, each line
+``recipes/x.yaml:12: method.rank: expected an integer >= 1, got -4``. ``--set key=value`` overrides go through the
+same validator. Method options are validated against the method's own config dataclass from the registry.
+
+Field documentation lives in ``metadata["help"]``; range checks in ``metadata["ge"|"gt"|"le"|"lt"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from adaptune.errors import RecipeError, UnknownMethodError, did_you_mean
+
+SECTIONS = ("backbone", "method", "data", "train", "output")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, **checks: float) -> Any:
+    """A dataclass field with a help string and optional range checks (ge, gt, le, lt)."""
+    meta = {"help": help, **checks}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    model: str = opt("tf_efficientnet_lite0", "any `timm.create_model` name, with an optional `.tag`")
+    pretrained: bool | str = opt(
+        False,
+        "true: weights from the Hugging Face hub; false: random init; a path to .safetensors/.pth/.npz; or "
+        "`package:efficientnet-lite0` (offline ImageNet weights from the `[demo]` extra)",
+    )
+    img_size: int | None = opt(None, "input size for models that take one (ViT, Swin); default: the model's", ge=1)
+    drop_path_rate: float = opt(0.0, "stochastic depth of the frozen backbone", ge=0.0, lt=1.0)
+    train_mode: bool = opt(
+        True, "keep the frozen backbone in train mode (dropout, drop-path); frozen BatchNorm always stays in eval"
+    )
+    model_kwargs: dict[str, Any] = opt(factory=dict, help="extra keyword arguments for `timm.create_model`")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    num_classes: int = opt(4, "number of classes", ge=2)
+    train_per_class: int = opt(16, "training images per class", ge=1)
+    val_per_class: int = opt(4, "validation images per class", ge=1)
+    test_per_class: int = opt(8, "test images per class", ge=1)
+    image_size: int = opt(32, "side of the generated square images", ge=8)
+    seed: int = opt(0, "generator seed")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["builtin", "vtab", "folder"] = opt("builtin", "where the images come from")
+    name: str = opt("fashion-mnist-1k", "built-in dataset: `fashion-mnist-1k` or `synthetic`")
+    root: str | None = opt(None, "data root for `vtab` and `folder`")
+    task: str | None = opt(None, "VTAB-1k task folder under `root` (e.g. `cifar`, `eurosat`)")
+    train_split: str = opt("train", "split to train on (`vtab`: train800 or train800val200)")
+    val_split: str | None = opt("val", "split for model selection (`vtab`: val200); null to skip")
+    test_split: str | None = opt("test", "split reported at the end; null to skip")
+    img_size: int | None = opt(None, "resize images to this square size; default: the backbone's input size", ge=8)
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = opt("bicubic", "resize interpolation")
+    normalize: Literal["model", "imagenet", "inception", "none"] = opt(
+        "model", "mean/std: the backbone's own (`model`), ImageNet, 0.5/0.5 (`inception`) or none"
+    )
+    hflip: bool = opt(False, "random horizontal flips while training")
+    cache: bool = opt(True, "keep decoded, resized images in memory (uint8)")
+    workers: int = opt(0, "DataLoader worker processes", ge=0)
+    synthetic: SyntheticConfig = opt(factory=SyntheticConfig, help="options of the `synthetic` built-in dataset")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = opt(10, "training epochs", ge=1)
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (overrides epochs)", ge=1)
+    batch_size: int = opt(32, "images per optimizer step (before accumulation)", ge=1)
+    eval_batch_size: int | None = opt(None, "batch size for evaluation; default: 2 x batch_size", ge=1)
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "optimizer")
+    lr: float = opt(1e-3, "peak learning rate", gt=0.0)
+    weight_decay: float = opt(1e-4, "decoupled weight decay (not on biases, norms, tokens, scales)", ge=0.0)
+    eps: float = opt(1e-8, "AdamW epsilon", gt=0.0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0.0, lt=1.0)
+    schedule: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warmup, stepped per step")
+    warmup_epochs: float = opt(1.0, "linear warmup length in epochs", ge=0.0)
+    warmup_lr: float = opt(1e-6, "learning rate at the start of warmup", ge=0.0)
+    min_lr: float = opt(1e-6, "learning rate at the end of the cosine", ge=0.0)
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast precision (fp16 uses a grad scaler, CUDA only)")
+    grad_accum: int = opt(1, "gradient accumulation steps", ge=1)
+    clip_grad: float | None = opt(None, "clip the gradient norm to this value", gt=0.0)
+    label_smoothing: float = opt(0.0, "cross-entropy label smoothing", ge=0.0, lt=1.0)
+    ema_decay: float | None = opt(None, "keep an EMA of the trainable weights with this decay", gt=0.0, lt=1.0)
+    seed: int = opt(0, "seed for weights, data order and method randomness")
+    eval_every: int = opt(1, "evaluate on validation every N epochs (and after the last)", ge=1)
+    log_every: int = opt(10, "log a training line every N steps", ge=1)
+    device: str = opt("auto", "`auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`")
+    threads: int | None = opt(None, "torch CPU threads; default: torch's choice", ge=1)
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str | None = opt(None, "run directory; default: runs/<recipe name>-<timestamp>")
+    save_best: bool = opt(True, "keep the checkpoint with the best validation top-1")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A fully validated recipe. ``method`` is an instance of the method's own config dataclass."""
+
+    backbone: BackboneConfig
+    method_name: str
+    method: Any
+    data: DataConfig
+    train: TrainConfig
+    output: OutputConfig
+    name: str = "run"
+    source: str = "<recipe>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data; `load_recipe` of its YAML gives the same recipe back."""
+        return {
+            "name": self.name,
+            "backbone": _plain(self.backbone),
+            "method": {"name": self.method_name, **_plain(self.method)},
+            "data": _plain(self.data),
+            "train": _plain(self.train),
+            "output": _plain(self.output),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def replace(self, **sections: Any) -> Recipe:
+        return dataclasses.replace(self, **sections)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+class _Where:
+    """Maps dotted keys to ``file:line`` for error messages."""
+
+    def __init__(self, source: str, lines: dict[str, int] | None = None):
+        self.source = source
+        self.lines = lines or {}
+        self.overrides: set[str] = set()
+
+    def __call__(self, key: str) -> str:
+        if key in self.overrides:
+            return f"--set {key}"
+        probe = key
+        while probe:
+            if probe in self.lines:
+                return f"{self.source}:{self.lines[probe]}"
+            probe = probe.rsplit(".", 1)[0] if "." in probe else ""
+        return self.source
+
+
+def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            lines[key] = key_node.start_mark.line + 1
+            lines.update(_line_map(value_node, key))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            key = f"{prefix}[{i}]"
+            lines[key] = item.start_mark.line + 1
+            lines.update(_line_map(item, key))
+    return lines
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load, override and validate a recipe file.
+
+    Args:
+        path: The YAML file.
+        overrides: ``key.path=value`` strings; values are parsed as YAML (``train.lr=5e-3``, ``method.targets=[a, b]``).
+
+    Raises:
+        RecipeError: With every problem found, one per line.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RecipeError([f"{source}: no such recipe file; `adaptune recipes` lists the shipped ones"]) from None
+    except OSError as e:
+        raise RecipeError([f"{source}: cannot read the recipe ({e.strerror})"]) from None
+    try:
+        node = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError([f"{where}: invalid YAML: {problem}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{source}:1: a recipe must be a mapping of sections ({', '.join(SECTIONS)})"])
+    where = _Where(source, _line_map(node) if node is not None else {})
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, where, overrides)
+
+
+def recipe_from_dict(
+    raw: dict[str, Any], where: _Where | str = "<recipe>", overrides: list[str] | tuple[str, ...] = ()
+) -> Recipe:
+    """Validate a recipe given as plain data (the tests and the Python API use this)."""
+    if isinstance(where, str):
+        where = _Where(where)
+    raw = _deepcopy(raw)
+    errors: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, where, errors)
+
+    for key in raw:
+        if key not in (*SECTIONS, "name", "description"):
+            errors.append(f"{where(key)}: {key}: unknown section{did_you_mean(key, SECTIONS)}")
+
+    sections: dict[str, Any] = {}
+    for key, cls in (("backbone", BackboneConfig), ("data", DataConfig), ("train", TrainConfig), ("output", OutputConfig)):
+        sections[key] = _build(cls, raw.get(key) or {}, key, where, errors)
+
+    method_raw = raw.get("method")
+    method_name, method_cfg = "linear", None
+    if method_raw is None:
+        errors.append(f"{where('method')}: method: missing; add `method: {{name: adapter}}` (see `adaptune methods`)")
+    elif not isinstance(method_raw, dict) or "name" not in method_raw:
+        errors.append(f"{where('method')}: method.name: missing; add `name: <method>` (see `adaptune methods`)")
+    else:
+        from adaptune.methods.registry import get_method
+
+        method_raw = dict(method_raw)
+        method_name = method_raw.pop("name")
+        try:
+            spec = get_method(str(method_name))
+        except UnknownMethodError as e:
+            errors.append(f"{where('method.name')}: method.name: {e}")
+        else:
+            method_cfg = _build(spec.config_cls, method_raw, "method", where, errors)
+
+    name = raw.get("name", "run")
+    if not isinstance(name, str) or not name:
+        errors.append(f"{where('name')}: name: expected a non-empty string, got {name!r}")
+    if errors:
+        raise RecipeError(errors)
+    return Recipe(
+        backbone=sections["backbone"],
+        method_name=str(method_name),
+        method=method_cfg,
+        data=sections["data"],
+        train=sections["train"],
+        output=sections["output"],
+        name=str(name),
+        source=where.source,
+    )
+
+
+def _deepcopy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def _apply_override(raw: dict[str, Any], item: str, where: _Where, errors: list[str]) -> None:
+    if "=" not in item:
+        errors.append(f"--set {item}: expected key.path=value, e.g. --set train.lr=5e-3")
+        return
+    key, _, text = item.partition("=")
+    key = key.strip()
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    if len(parts) < 2 or parts[0] not in SECTIONS:
+        if key not in ("name",):
+            errors.append(f"--set {key}: keys start with a section ({', '.join(SECTIONS)}), e.g. train.lr")
+            return
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            errors.append(f"--set {key}: {part} is not a section")
+            return
+        node = child
+    node[parts[-1]] = value
+    where.overrides.add(key)
+
+
+def _build(cls: type, data: Any, prefix: str, where: _Where, errors: list[str]) -> Any:
+    """Validate ``data`` against dataclass ``cls``; append problems to ``errors``; return an instance or None."""
+    if not isinstance(data, dict):
+        errors.append(f"{where(prefix)}: {prefix}: expected a mapping, got {_show(data)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values: dict[str, Any] = {}
+    ok = True
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}"
+        if key not in fields:
+            errors.append(f"{where(dotted)}: {dotted}: unknown key{did_you_mean(str(key), fields)}")
+            ok = False
+            continue
+        f = fields[key]
+        converted, problem = _convert(hints[key], value, dotted, where, errors)
+        if problem is None and converted is not None:
+            problem = _check_range(f, converted)
+        if problem is not None:
+            errors.append(f"{where(dotted)}: {dotted}: {problem}")
+            ok = False
+            continue
+        values[key] = converted
+    if not ok:
+        return None
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as e:
+        errors.append(f"{where(prefix)}: {prefix}: {e}")
+        return None
+
+
+def _check_range(f: dataclasses.Field, value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    m = f.metadata
+    for op, test, word in (("ge", value >= m.get("ge", value), ">="), ("gt", "gt" not in m or value > m["gt"], ">")):
+        if op in m and not test:
+            return f"expected a value {word} {m[op]}, got {value}"
+    if "le" in m and not value <= m["le"]:
+        return f"expected a value <= {m['le']}, got {value}"
+    if "lt" in m and not value < m["lt"]:
+        return f"expected a value < {m['lt']}, got {value}"
+    return None
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, dict | list) else type(value).__name__
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, dotted: str, where: _Where, errors: list[str]) -> tuple[Any, str | None]:
+    """Return (converted value, problem or None)."""
+    bad = (None, f"expected {_describe(tp)}, got {_show(value)}")
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value, None
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            return (None, None) if type(None) in args else bad
+        # bool first: YAML `true` must not become the string "True"
+        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
+            converted, problem = _convert(arg, value, dotted, where, [])
+            if problem is None:
+                return converted, None
+        return bad
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value, None
+        hint = did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
+        return None, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}"
+    if origin in (list, tuple):
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            return bad
+        (item_tp, *_) = typing.get_args(tp)
+        out = []
+        for i, item in enumerate(value):
+            converted, problem = _convert(item_tp, item, f"{dotted}[{i}]", where, errors)
+            if problem is not None:
+                return None, f"item {i}: {problem}"
+            out.append(converted)
+        return tuple(out), None
+    if origin is dict:
+        return (dict(value), None) if isinstance(value, dict) else bad
+    if dataclasses.is_dataclass(tp):
+        before = len(errors)
+        built = _build(tp, value if value is not None else {}, dotted, where, errors)
+        if built is None and len(errors) > before:
+            return None, None  # already reported in detail
+        return built, None
+    if tp is bool:
+        return (value, None) if isinstance(value, bool) else bad
+    if tp is int:
+        return (value, None) if isinstance(value, int) and not isinstance(value, bool) else bad
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value), None
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value), None
+            except ValueError:
+                return bad
+        return bad
+    if tp is str:
+        return (value, None) if isinstance(value, str) else bad
+    return bad
+
+
+def method_config(name: str, **options: Any) -> Any:
+    """Build a validated config of method ``name`` from keyword options (Python API and tests)."""
+    from adaptune.methods.registry import get_method
+
+    errors: list[str] = []
+    cfg = _build(get_method(name).config_cls, options, "method", _Where("<python>"), errors)
+    if errors:
+        raise RecipeError(errors)
+    return cfg
+
+
+def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type description, default, help) for each option of a config dataclass: the README reference."""
+    hints = typing.get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = _plain(f.default_factory())  # type: ignore[misc]
+        else:
+            default = None
+        rows.append((f.name, _describe(hints[f.name]), default, f.metadata.get("help", "")))
+    return rows
