@@ -22,7 +22,7 @@ from adaptune.errors import BackboneError
 if TYPE_CHECKING:
     from torch import nn
 
-    from adaptune.recipe import BackboneConfig
+    from adaptune.recipe import BackboneConfig, Recipe
 
 PACKAGE_WEIGHTS = {
     "efficientnet-lite0": "tf_efficientnet_lite0",
@@ -142,11 +142,14 @@ def _rename_lite0(source_sd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's resolved data config (input size, mean, std, interpolation) for ``model``."""
-    import timm
+def input_spec(model: nn.Module, recipe: Recipe) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    """(square input size, mean, std) the data must match: ``data.img_size``, else ``backbone.img_size``, else the
+    model's own pretrained config (timm's ``resolve_data_config``)."""
+    import timm.data
 
-    return timm.data.resolve_data_config({}, model=model)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = recipe.data.img_size or recipe.backbone.img_size or int(cfg["input_size"][-1])
+    return size, tuple(cfg["mean"]), tuple(cfg["std"])
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

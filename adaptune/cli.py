@@ -1,0 +1,254 @@
+"""The ``adaptune`` command line: thin shims over the engine.
+
+Each command parses its arguments, calls one engine function and maps `AdaptuneError` to a one-line
+``adaptune: error: ...`` on stderr with its exit code (2 bad input, 1 runtime failure, 130 interrupted). torch and
+timm are imported inside the commands, so ``adaptune --help`` answers at once. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    name="adaptune",
+    help="Parameter-efficient fine-tuning of timm backbones: MoSA, adapters, LoRA. Recipes in, deployable weights out.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _err(msg: str) -> None:
+    for line in msg.splitlines() or [""]:
+        print(f"adaptune: error: {line}", file=sys.stderr)
+
+
+def _run(fn: Callable[[], Any], debug: bool) -> Any:
+    """Call ``fn``; turn known errors into one-line messages and exit codes."""
+    from adaptune.errors import AdaptuneError
+
+    try:
+        return fn()
+    except AdaptuneError as e:
+        if debug:
+            raise
+        _err(str(e))
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _err("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as e:  # noqa: BLE001
+        if debug:
+            raise
+        _err(f"{type(e).__name__}: {e} (run with --debug for the traceback)")
+        raise typer.Exit(1) from None
+
+
+def _logger(quiet: bool) -> Callable[[str], None] | None:
+    if quiet:
+        return None
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_recipe_path(recipe: str) -> Path:
+    """A path, or the name of a shipped recipe (``quickstart`` -> the packaged ``quickstart.yaml``)."""
+    path = Path(recipe)
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in recipe:
+        return path
+    shipped = _recipes_dir() / f"{recipe}.yaml"
+    return shipped if shipped.exists() else path
+
+
+def _recipes_dir() -> Path:
+    return Path(__file__).parent / "recipes"
+
+
+@app.command()
+def train(
+    recipe: Annotated[
+        str | None, typer.Argument(help="Recipe YAML file or shipped recipe name (see `adaptune recipes`).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key: --set train.lr=5e-3 (repeatable).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/<recipe>-<time>).")] = None,
+    resume: Annotated[
+        Path | None, typer.Option("--resume", help="Continue an interrupted run from its last checkpoint.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved recipe, matched modules and parameter counts; exit.")
+    ] = False,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train a recipe.
+
+    Examples:
+      adaptune train quickstart
+      adaptune train recipes/mosa_vtab.yaml --set data.task=eurosat --set train.lr=1e-3
+      adaptune train recipes/lora_vtab.yaml --dry-run
+      adaptune train --resume runs/quickstart-20261124-101500
+    """
+
+    def go() -> None:
+        from adaptune.errors import RecipeError
+        from adaptune.recipe import load_recipe
+
+        if resume is not None:
+            if set_:
+                raise RecipeError(["--set cannot change a run being resumed; start a new run instead"])
+            r = load_recipe(resume / "recipe.yaml")
+        elif recipe is None:
+            raise RecipeError(["missing RECIPE; e.g. adaptune train quickstart (see adaptune recipes)"])
+        else:
+            r = load_recipe(resolve_recipe_path(recipe), set_ or [])
+        if dry_run:
+            _dry_run(r, json_)
+            return
+        from adaptune.train import train as train_fn
+
+        result = train_fn(
+            r, out_dir=resume or out, resume=resume is not None, log=_logger(quiet),
+            progress=not quiet and sys.stderr.isatty(),
+        )
+        if json_:
+            print(json.dumps(result.summary))
+        elif not quiet:
+            _print_summary(result.summary)
+
+    _run(go, debug)
+
+
+def _dry_run(r: Any, as_json: bool) -> None:
+    from adaptune.train import build
+
+    b = build(r)
+    plan = "fold into the backbone (plain timm weights)" if b.spec.foldable else "merged model (adapters kept)"
+    report = {
+        "recipe": r.to_dict(),
+        "matched_modules": b.touched,
+        "trainable_params": b.trainable,
+        "total_params": b.total,
+        "num_classes": b.info.num_classes,
+        "input_size": b.input_size,
+        "merge_plan": plan,
+    }
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(r.to_yaml().rstrip())
+    print(f"# matched modules ({len(b.touched)}):")
+    for name in b.touched:
+        print(f"#   {name or '<whole model>'}")
+    print(
+        f"# trainable params: {b.trainable:,} || all params: {b.total:,} || trainable%: {100 * b.trainable / b.total:.4f}"
+    )
+    print(f"# classes: {b.info.num_classes}, input size: {b.input_size}, merge plan: {plan}")
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}%"
+
+    rows = [
+        ("run directory", s["run_dir"]),
+        ("best val top-1", f"{pct(s['best_val_top1'])} (epoch {s['best_val_epoch']})"),
+        ("test top-1 (best weights)", pct(s["test_top1_best"])),
+        ("test top-1 (last weights)", pct(s["test_top1_last"])),
+        ("trainable params", f"{s['trainable_params']:,} of {s['total_params']:,}"),
+        ("time", f"{s['wall_time_s']:.0f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
+    split: Annotated[str, typer.Option("--split", help="Data split to evaluate (train, val, test).")] = "test",
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="best (default), last, or final (the run's adapter_model).")
+    ] = "best",
+    json_: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Evaluate a trained run: loss, top-1, top-5, macro accuracy.
+
+    Examples:
+      adaptune eval runs/quickstart-20261124-101500
+      adaptune eval runs/x --split val --checkpoint last --json
+    """
+
+    def go() -> None:
+        from adaptune.evaluate import evaluate_run
+
+        result = evaluate_run(run_dir, split=split, checkpoint=checkpoint)
+        if json_:
+            print(json.dumps(result))
+            return
+        print(f"{run_dir} [{checkpoint}] on {split} ({result['samples']} images)")
+        for key in ("loss", "top1", "top5", "macro_top1"):
+            value = result[key]
+            print(f"  {key:<10} {value:.4f}" if key == "loss" else f"  {key:<10} {value:.2f}%")
+
+    _run(go, debug)
+
+
+@app.command()
+def methods(json_: Json = False, debug: Debug = False) -> None:
+    """List the registered adapter methods."""
+
+    def go() -> None:
+        from adaptune.methods.registry import get_method, list_methods
+
+        specs = [get_method(n) for n in list_methods()]
+        if json_:
+            print(json.dumps([{"name": s.name, "summary": s.summary, "foldable": s.foldable} for s in specs]))
+            return
+        width = max(len(s.name) for s in specs)
+        for s in specs:
+            print(f"{s.name:<{width}}  {s.summary}")
+
+    _run(go, debug)
+
+
+@app.command()
+def recipes(json_: Json = False, debug: Debug = False) -> None:
+    """List the shipped recipes (use a name directly: adaptune train quickstart)."""
+
+    def go() -> None:
+        rows = []
+        for path in sorted(_recipes_dir().glob("*.yaml")):
+            first = path.read_text().splitlines()[0] if path.stat().st_size else ""
+            rows.append((path.stem, first.lstrip("# ").strip(), str(path)))
+        if json_:
+            print(json.dumps([{"name": n, "description": d, "path": p} for n, d, p in rows]))
+            return
+        width = max(len(n) for n, _, _ in rows)
+        for name, desc, _ in rows:
+            print(f"{name:<{width}}  {desc}")
+
+    _run(go, debug)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

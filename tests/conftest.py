@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def tiny_backbone(num_classes: int = 5, model: str = "test_vit", **kwargs):
+    """A frozen tiny timm model (random weights) through adaptune's own backbone factory."""
+    from adaptune.backbone import create_backbone
+    from adaptune.recipe import BackboneConfig
+
+    if model == "test_vit":
+        kwargs.setdefault("img_size", 32)
+    return create_backbone(BackboneConfig(model=model, **kwargs), num_classes)
+
+
+def tiny_recipe(method: str = "linear", tmp_path=None, **sections):
+    """A validated recipe on the synthetic built-in dataset and test_vit; sections override keys per section."""
+    from adaptune.recipe import recipe_from_dict
+
+    raw = {
+        "name": "tiny",
+        "backbone": {"model": "test_vit", "img_size": 32},
+        "method": {"name": method},
+        "data": {"source": "builtin", "name": "synthetic",
+                 "synthetic": {"num_classes": 4, "train_per_class": 8, "val_per_class": 4, "test_per_class": 4}},
+        "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0.5, "log_every": 1000},
+        "output": {"dir": str(tmp_path / "run") if tmp_path is not None else None},
+    }
+    for key, values in sections.items():
+        raw.setdefault(key, {}).update(values)
+    return recipe_from_dict(raw)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def images():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
