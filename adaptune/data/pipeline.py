@@ -1,0 +1,218 @@
+"""From a split's images to normalised batches: resize, cache, deterministic order and flips, batched normalisation.
+
+Per sample the pipeline only indexes: a dataset's ``__getitems__`` returns a whole uint8 batch (from the in-memory
+cache, filled on first use, or decoded on the spot), and the collate function flips and normalises it in one
+vectorised pass. Shuffling and flips are pure functions of ``(seed, epoch, sample index)``, so a run resumed
+mid-epoch with `EpochSampler.set_start` sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from adaptune.data.sources import SplitData
+
+RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
+_MASK64 = (1 << 64) - 1
+_FLIP_STREAM = 0x5F11
+
+
+def mix_seed(*values: int) -> int:
+    """A 63-bit generator seed from integers (splitmix64 steps), so ``(seed, epoch)`` pairs never collide like
+    ``seed + epoch`` would."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+def decode(split: SplitData, index: int, size: int, interpolation: str) -> torch.Tensor:
+    """Image ``index`` of ``split`` as uint8 (C, size, size); C is 1 for grayscale sources, else 3."""
+    img = split.images.read(index)
+    if img.size != (size, size):
+        img = img.resize((size, size), RESAMPLE[interpolation])
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (S, S) or (S, S, 3)
+    return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
+
+
+class ImageSplit(Dataset):
+    """A split as uint8 images of one size, optionally cached in memory.
+
+    With ``cache``, a (N, C, S, S) uint8 tensor is filled as images are first requested (in shared memory when
+    ``shared``, so DataLoader workers fill one cache for every process); later epochs only index it. Without, each
+    batch is decoded on the spot. ``__getitems__`` returns ``(images uint8 (B, C, S, S), labels (B,), indices (B,))``.
+    """
+
+    def __init__(self, split: SplitData, size: int, interpolation: str, cache: bool = True, shared: bool = False):
+        self.split = split
+        self.size = size
+        self.interpolation = interpolation
+        self.labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
+        self.channels = split.images.channels
+        self.store: torch.Tensor | None = None
+        self.filled: torch.Tensor | None = None
+        if cache:
+            self.store = torch.empty((len(self.labels), self.channels, size, size), dtype=torch.uint8)
+            self.filled = torch.zeros(len(self.labels), dtype=torch.bool)
+            if shared:
+                self.store.share_memory_()
+                self.filled.share_memory_()
+
+    @staticmethod
+    def nbytes(split: SplitData, size: int) -> int:
+        """Memory a cache of ``split`` at ``size`` would take."""
+        return len(split.labels) * split.images.channels * size * size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _decode(self, index: int) -> torch.Tensor:
+        return decode(self.split, index, self.size, self.interpolation)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        images, labels, _ = self.__getitems__([index])
+        return images[0], int(labels[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        if self.store is None or self.filled is None:
+            images = torch.stack([self._decode(i) for i in indices])  # (B, C, S, S)
+        else:
+            for i in torch.unique(idx[~self.filled[idx]]).tolist():
+                self.store[i] = self._decode(i)
+                self.filled[i] = True
+            images = torch.stack([self.store[i] for i in indices])  # (B, C, S, S), a copy; uint8 index_select is slow
+        return images, self.labels[idx], idx
+
+
+def _shard(order: list[int], rank: int, world_size: int, pad: bool) -> list[int]:
+    """Rank ``rank``'s strided share of ``order``; with ``pad``, the order is first padded by wrapping around to a
+    multiple of ``world_size`` so every rank gets the same count (as `DistributedSampler` does)."""
+    if pad and world_size > 1 and order:
+        total = math.ceil(len(order) / world_size) * world_size
+        order = (order * math.ceil(total / len(order)))[:total]
+    return order[rank::world_size]
+
+
+class EpochSampler(Sampler[int]):
+    """Deterministic training order: epoch ``e`` is a permutation drawn from ``(seed, e)`` alone, sharded over ranks.
+
+    Each rank takes every ``world_size``-th index of the padded permutation (padding repeats the first indices so all
+    ranks get the same count). `set_start` skips the first ``k`` batches of the current epoch, so a run resumed after
+    ``k`` steps continues with exactly the batches the uninterrupted run would have drawn.
+
+    Args:
+        size: Number of samples in the dataset.
+        batch_size: Samples per batch on this rank (what `set_start` counts in).
+        seed: Base seed; the order of epoch ``e`` depends on ``(seed, e)`` only.
+        shuffle: Permute each epoch; False keeps the dataset order.
+        rank: This process's rank.
+        world_size: Number of processes sharing the data.
+    """
+
+    def __init__(
+        self, size: int, *, batch_size: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.size = size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees in a whole epoch (before any `set_start` skip)."""
+        return math.ceil(self.size / self.world_size) if self.size else 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch to iterate; moving to another epoch clears a `set_start` skip."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def set_start(self, batches: int) -> None:
+        """Skip the first ``batches`` batches (``batches * batch_size`` samples) of the current epoch."""
+        if batches < 0:
+            raise ValueError(f"set_start needs a batch count >= 0, got {batches}")
+        self.start = batches
+
+    def epoch_order(self) -> list[int]:
+        """This rank's full index order for the current epoch, skip not applied."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        return _shard(order, self.rank, self.world_size, pad=True)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_order()[self.start * self.batch_size :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start * self.batch_size)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation order: the dataset in order, strided over ranks without padding (every sample counted once)."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1):
+        self.indices = _shard(list(range(size)), rank, world_size, pad=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def flip_decisions(seed: int, epoch: int, size: int) -> torch.Tensor:
+    """Bool (size,): whether sample ``i`` is flipped in ``epoch``; a function of ``(seed, epoch, i)`` only."""
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch, _FLIP_STREAM))
+    return torch.rand(size, generator=g) < 0.5
+
+
+class Collate:
+    """Turns a uint8 batch into ``(images float32 (B, 3, S, S), labels int64 (B,))``: flip, expand gray, normalise.
+
+    ``x = (pixel / 255 - mean) / std``, computed as ``pixel * scale - shift`` per channel. With ``flip_sampler`` set,
+    horizontal flips follow `flip_decisions` for that sampler's epoch, read in the process that collates (a worker
+    holds a copy made when the loader's iterator starts, i.e. after `EpochSampler.set_epoch`).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], flip_sampler: EpochSampler | None = None):
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self.flip_sampler = flip_sampler
+        self._flips: tuple[int, torch.Tensor] | None = None
+
+    def _flip_mask(self, sampler: EpochSampler, idx: torch.Tensor) -> torch.Tensor:
+        if self._flips is None or self._flips[0] != sampler.epoch:
+            self._flips = (sampler.epoch, flip_decisions(sampler.seed, sampler.epoch, sampler.size))
+        return self._flips[1][idx]
+
+    def __call__(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels, idx = batch  # from `ImageSplit.__getitems__`: (B, C, S, S) uint8, (B,), (B,)
+        if self.flip_sampler is not None:
+            for i in self._flip_mask(self.flip_sampler, idx).nonzero().flatten().tolist():
+                images[i] = images[i].flip(-1)  # in place: `ImageSplit` returns a fresh batch
+        x = images.to(torch.float32)
+        x = x.mul_(self.scale) if x.shape[1] == 3 else x * self.scale  # (B, 3, S, S); gray (B, 1, S, S) broadcasts
+        return x.sub_(self.shift), labels

@@ -1,0 +1,116 @@
+"""The command line as scripts use it: exit codes, one-line errors on stderr, --json on stdout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from adaptune.cli import app
+from adaptune.methods.registry import get_method, list_methods
+
+runner = CliRunner()
+README = Path(__file__).parents[1] / "README.md"
+
+TINY = {
+    "backbone": {"model": "test_vit", "img_size": 32},
+    "method": {"name": "lora", "rank": 2},
+    "data": {"source": "builtin", "name": "synthetic", "synthetic": {"num_classes": 3, "train_per_class": 4}},
+    "train": {"epochs": 1, "batch_size": 4},
+}
+
+
+def recipe_file(tmp_path: Path, **changes) -> Path:
+    raw = json.loads(json.dumps(TINY))
+    for section, values in changes.items():
+        raw[section].update(values)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_help_is_instant_and_imports_no_torch():
+    code = "import sys; from adaptune.cli import app; assert 'torch' not in sys.modules and 'timm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("train", "eval", "methods", "recipes"):
+        assert command in result.output
+
+
+def test_train_json_and_eval(tmp_path):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", str(recipe_file(tmp_path)), "--out", str(out), "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["run_dir"] == str(out) and summary["method"] == "lora"
+    result = runner.invoke(app, ["eval", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["samples"] == 24 and 0 <= metrics["top1"] <= 100  # 3 classes x 8 test images
+
+
+def test_set_overrides_and_dry_run(tmp_path):
+    result = runner.invoke(
+        app, ["train", str(recipe_file(tmp_path)), "--set", "method.rank=4", "--set", "train.lr=5e-3", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout)
+    assert resolved["method"]["rank"] == 4 and resolved["train"]["lr"] == 5e-3
+    assert "# matched modules (6):" in result.stdout and "blocks.0.attn.qkv" in result.stdout
+    assert "trainable params:" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"train": {"lrr": 1}}, r"tiny\.yaml:\d+: train\.lrr: unknown key; did you mean 'lr'\?"),
+        ({"train": {"epochs": "ten"}}, r"tiny\.yaml:\d+: train\.epochs: expected an integer, got str 'ten'"),
+        ({"method": {"name": "mosaa"}}, r"method\.name: unknown method 'mosaa'; did you mean 'mosa'"),
+        ({"backbone": {"model": "vit_tiny_patch16_22"}}, r"backbone\.model: 'vit_tiny_patch16_22' is not a timm model; did you mean"),
+        ({"method": {"targets": ["blocks.*.atn.qkv"]}}, r"method\.targets: 'blocks\.\*\.atn\.qkv' matched no"),
+        ({"data": {"source": "vtab", "root": "/nonexistent", "task": "cifar"}}, r"data\.root.*/nonexistent"),
+    ],
+)
+def test_bad_recipes_exit_2_with_one_line(tmp_path, changes, message):
+    result = runner.invoke(app, ["train", str(recipe_file(tmp_path, **changes)), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adaptune: error: ")
+    assert "Traceback" not in result.output
+    import re
+
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = runner.invoke(app, ["train", str(recipe_file(tmp_path, train={"lrr": 1})), "--debug"])
+    assert result.exit_code != 0 and result.exception is not None
+
+
+def test_eval_of_a_missing_run_dir(tmp_path):
+    result = runner.invoke(app, ["eval", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such" in result.stderr
+
+
+def test_methods_lists_the_registry():
+    result = runner.invoke(app, ["methods", "--json"])
+    assert result.exit_code == 0
+    assert [m["name"] for m in json.loads(result.stdout)] == list_methods()
+
+
+def test_recipes_lists_the_shipped_recipes():
+    result = runner.invoke(app, ["recipes"])
+    assert result.exit_code == 0 and "quickstart" in result.stdout
+
+
+def test_readme_methods_table_matches_the_registry():
+    text = README.read_text()
+    for name in list_methods():
+        assert f"| `{name}` | {get_method(name).summary} |" in text, f"README methods table is missing {name}"
