@@ -14,14 +14,14 @@ def tiny_backbone(num_classes: int = 5, model: str = "test_vit", **kwargs):
     return create_backbone(BackboneConfig(model=model, **kwargs), num_classes)
 
 
-def tiny_recipe(method: str = "linear", tmp_path=None, **sections):
+def tiny_recipe(name: str = "linear", tmp_path=None, **sections):
     """A validated recipe on the synthetic built-in dataset and test_vit; sections override keys per section."""
     from adaptune.recipe import recipe_from_dict
 
     raw = {
         "name": "tiny",
         "backbone": {"model": "test_vit", "img_size": 32},
-        "method": {"name": method},
+        "method": {"name": name},
         "data": {"source": "builtin", "name": "synthetic",
                  "synthetic": {"num_classes": 4, "train_per_class": 8, "val_per_class": 4, "test_per_class": 4}},
         "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0.5, "log_every": 1000},
