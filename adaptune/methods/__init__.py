@@ -3,3 +3,4 @@
 from adaptune.methods import full, linear  # noqa: F401
 from adaptune.methods import lora  # noqa: F401
 from adaptune.methods import adapter  # noqa: F401
+from adaptune.methods import mosa  # noqa: F401
