@@ -41,6 +41,7 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
         BackboneError: Unknown model name (with close names), unreadable weights file, unknown weights package.
     """
     import timm
+    import torch
 
     name = cfg.model
     arch = name.split(".")[0]
@@ -82,7 +83,12 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
             raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}") from None
         raise
     model.requires_grad_(False)
-    model.get_classifier().requires_grad_(True)
+    head = model.get_classifier()
+    if cfg.head_init == "zeros":
+        with torch.no_grad():
+            for p in head.parameters():
+                p.zero_()
+    head.requires_grad_(True)
     return model
 
 

@@ -45,6 +45,11 @@ class BackboneConfig:
     train_mode: bool = opt(
         True, "keep the frozen backbone in train mode (dropout, drop-path); frozen BatchNorm always stays in eval"
     )
+    head_init: Literal["zeros", "timm"] = opt(
+        "zeros",
+        "initialisation of the new classifier head: `zeros` (loss starts at log(classes), the usual PEFT choice) or "
+        "timm's own (EfficientNet's is wide: a first-epoch loss near 6 on 10 classes)",
+    )
     model_kwargs: dict[str, Any] = opt(factory=dict, help="extra keyword arguments for `timm.create_model`")
 
 

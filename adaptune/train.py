@@ -352,12 +352,16 @@ def _finish(recipe, model, spec, loaders, device, b, state, run_dir, manifest, d
         test_last = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, confusion=False)["top1"]
     selected = "last"
     if state["best_epoch"] is not None and dist.is_main:
-        best = artifacts.find_checkpoint(run_dir, "best")
-        tensors, _ = artifacts.load_safetensors(best / artifacts.ADAPTER_WEIGHTS)
-        artifacts.load_adapter_state(model, tensors, best)
         selected = "best"
-        if loaders.test is not None:
-            test_best = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, confusion=False)["top1"]
+        if state["best_epoch"] == state["epoch"]:  # the last weights are the best ones: no second test pass
+            test_best = test_last
+        else:
+            best = artifacts.find_checkpoint(run_dir, "best")
+            tensors, _ = artifacts.load_safetensors(best / artifacts.ADAPTER_WEIGHTS)
+            artifacts.load_adapter_state(model, tensors, best)
+            if loaders.test is not None:
+                test_best = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, confusion=False)
+                test_best = test_best["top1"]
     if dist.is_main:
         artifacts.save_safetensors(
             artifacts.adapter_state_dict(model), run_dir / artifacts.ADAPTER_WEIGHTS, {**manifest, "checkpoint": selected}

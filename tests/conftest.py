@@ -11,6 +11,7 @@ def tiny_backbone(num_classes: int = 5, model: str = "test_vit", **kwargs):
 
     if model == "test_vit":
         kwargs.setdefault("img_size", 32)
+    kwargs.setdefault("head_init", "timm")  # a zero head would make every logit 0 and parity checks vacuous
     return create_backbone(BackboneConfig(model=model, **kwargs), num_classes)
 
 

@@ -1,0 +1,87 @@
+"""Regenerate the README's generated sections from the code: the methods table (from the registry) and the recipe
+reference (from the recipe dataclasses and each method's config). `tests/test_cli.py` fails when they are stale.
+
+    python scripts/update_readme.py          # rewrite README.md in place
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def methods_table() -> str:
+    from adaptune.methods.registry import get_method, list_methods
+
+    rows = ["| method | what it trains | folds into plain timm weights |", "|---|---|---|"]
+    for name in list_methods():
+        spec = get_method(name)
+        rows.append(f"| `{name}` | {spec.summary} | {'yes' if spec.foldable else 'no (merged model, or ONNX)'} |")
+    return "\n".join(rows)
+
+
+def _fmt(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}" if not value else str(value)
+    return str(value)
+
+
+def _table(cls: type, prefix: str) -> list[str]:
+    from adaptune.recipe import field_docs
+
+    return [
+        f"| `{prefix}{name}` | {kind} | `{_fmt(default)}` | {help_.replace('|', '/')} |"
+        for name, kind, default, help_ in field_docs(cls)
+        if not isinstance(default, dict) or name != "synthetic"  # nested section: its own table below
+    ]
+
+
+def recipe_reference() -> str:
+    from adaptune.methods.registry import get_method, list_methods
+    from adaptune.recipe import BackboneConfig, DataConfig, OutputConfig, SyntheticConfig, TrainConfig
+
+    out = []
+    for title, cls, prefix in (
+        ("backbone", BackboneConfig, "backbone."),
+        ("data", DataConfig, "data."),
+        ("data.synthetic", SyntheticConfig, "data.synthetic."),
+        ("train", TrainConfig, "train."),
+        ("output", OutputConfig, "output."),
+    ):
+        out += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        out += _table(cls, prefix)
+        out.append("")
+    for name in list_methods():
+        rows = _table(get_method(name).config_cls, "method.")
+        out += [f"**method: {name}**", ""]
+        if rows:
+            out += ["| key | type | default | meaning |", "|---|---|---|---|", *rows]
+        else:
+            out.append("No options.")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def render(text: str) -> str:
+    for tag, body in (("methods", methods_table()), ("recipe-reference", recipe_reference())):
+        pattern = re.compile(rf"(<!-- {tag}:start -->\n).*?(<!-- {tag}:end -->)", re.S)
+        if not pattern.search(text):
+            raise SystemExit(f"README.md has no <!-- {tag}:start --> ... <!-- {tag}:end --> section")
+        text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+    return text
+
+
+if __name__ == "__main__":
+    new = render(README.read_text())
+    if "--check" in sys.argv:
+        sys.exit(0 if new == README.read_text() else 1)
+    README.write_text(new)
