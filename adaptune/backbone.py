@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,14 +75,24 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
         pretrained = True
 
     try:
-        model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+        with _MissingKeys() as missing:
+            model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except TypeError as e:
         raise BackboneError(f"backbone: timm.create_model({name!r}) rejected an option: {e}") from None
-    except (RuntimeError, ValueError, OSError, KeyError) as e:
+    except Exception as e:  # noqa: BLE001  (torch, safetensors and numpy raise many kinds for a bad file)
         if pretrained:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}") from None
         raise
+    # timm loads non-strictly whenever the class count changes, so weights of another model would load "fine"
+    heads = model.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    lost = [k for k in missing.keys if not any(k.startswith(h + ".") for h in heads)]
+    if lost:
+        raise BackboneError(
+            f"backbone.pretrained: the weights do not fit {name!r}: {len(lost)} tensors missing (e.g. "
+            f"{', '.join(lost[:3])}); use weights saved from this architecture"
+        )
     model.requires_grad_(False)
     head = model.get_classifier()
     if cfg.head_init == "zeros":
@@ -90,6 +101,31 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
                 p.zero_()
     head.requires_grad_(True)
     return model
+
+
+class _MissingKeys(logging.Handler):
+    """Collects the missing keys timm reports (at INFO level) while loading pretrained weights."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.keys: list[str] = []
+        self._logger = logging.getLogger("timm.models._builder")
+        self._level = self._logger.level
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("Missing keys ("):
+            self.keys += message[len("Missing keys (") : message.index(")")].split(", ")
+
+    def __enter__(self) -> _MissingKeys:
+        self._logger.addHandler(self)
+        if self._logger.getEffectiveLevel() > logging.INFO:
+            self._logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
 
 
 def _package_weights(source: str, arch: str, cache_dir: str | Path | None) -> Path:
