@@ -188,6 +188,7 @@ def build_manifest(recipe: Recipe, num_classes: int, class_names: list[str] | tu
     from adaptune.recipe import _plain
 
     return {
+        "format": "adaptune",  # adaptune's run layout; `adaptune export --format peft` writes PEFT's
         "format_version": FORMAT_VERSION,
         "adaptune_version": __version__,
         "timm_version": timm.__version__,
@@ -274,6 +275,8 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[nn.Module, 
     Returns:
         (model in eval mode, recipe, manifest)
     """
+    import torch
+
     from adaptune.backbone import create_backbone
     from adaptune.methods.registry import get_method
     from adaptune.recipe import load_recipe
@@ -295,8 +298,12 @@ def load_run(run_dir: str | Path, checkpoint: str = "best") -> tuple[nn.Module, 
     else:
         raise ArtifactError(f"--checkpoint: expected best, last or final, got {checkpoint!r}")
     state, _ = load_safetensors(weights)
-    model = create_backbone(recipe.backbone, manifest["num_classes"])
-    get_method(recipe.method_name).inject(model, recipe.method)
+    # Training seeds torch before building the backbone, so a random-init (`pretrained: false`) backbone is only
+    # reproduced under the same seed. Forked: the caller's RNG state is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.train.seed)
+        model = create_backbone(recipe.backbone, manifest["num_classes"])
+        get_method(recipe.method_name).inject(model, recipe.method)
     load_adapter_state(model, state, weights)
     model.eval()
     return model, recipe, manifest

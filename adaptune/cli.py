@@ -8,6 +8,7 @@ timm are imported inside the commands, so ``adaptune --help`` answers at once. `
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,9 @@ def train(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved recipe, matched modules and parameter counts; exit.")
     ] = False,
+    nproc: Annotated[
+        int, typer.Option("--nproc", min=1, help="Processes to launch through torchrun (DDP; one per GPU).")
+    ] = 1,
     json_: Json = False,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -102,7 +106,10 @@ def train(
       adaptune train recipes/mosa_vtab.yaml --set data.task=eurosat --set train.lr=1e-3
       adaptune train recipes/lora_vtab.yaml --dry-run
       adaptune train --resume runs/quickstart-20261124-101500
+      adaptune train recipes/mosa_vtab.yaml --nproc 4      (same as: torchrun --nproc_per_node 4 -m adaptune train ...)
     """
+    if nproc > 1:
+        raise typer.Exit(_launch_torchrun(nproc))
 
     def go() -> None:
         from adaptune.errors import RecipeError
@@ -125,12 +132,30 @@ def train(
             r, out_dir=resume or out, resume=resume is not None, log=_logger(quiet),
             progress=not quiet and sys.stderr.isatty(),
         )
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+            return
         if json_:
             print(json.dumps(result.summary))
         elif not quiet:
             _print_summary(result.summary)
 
     _run(go, debug)
+
+
+def _launch_torchrun(nproc: int) -> int:
+    """Re-run this command under ``torch.distributed.run`` with ``nproc`` processes; return its exit code."""
+    import subprocess
+
+    args = list(sys.argv[1:])
+    for i, arg in enumerate(args):
+        if arg == "--nproc":
+            del args[i : i + 2]
+            break
+        if arg.startswith("--nproc="):
+            del args[i]
+            break
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "-m", "adaptune", *args]
+    return subprocess.call(cmd)
 
 
 def _dry_run(r: Any, as_json: bool) -> None:
@@ -179,32 +204,91 @@ def _print_summary(s: dict[str, Any]) -> None:
 
 @app.command("eval")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory.")],
-    split: Annotated[str, typer.Option("--split", help="Data split to evaluate (train, val, test).")] = "test",
+    path: Annotated[Path, typer.Argument(help="Run directory, merged .safetensors file or exported timm directory.")],
+    split: Annotated[str, typer.Option("--split", help="Data split to evaluate (train, val, test, ...).")] = "test",
     checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="best (default), last, or final (the run's adapter_model).")
+        str, typer.Option("--checkpoint", help="Run directory only: best (default), last, or final.")
     ] = "best",
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", "--data", help="Use this data root instead of the recipe's data.root.")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Directory for the CSV/JSON/PNG files (default: beside the artifact).")
+    ] = None,
     json_: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Evaluate a trained run: loss, top-1, top-5, macro accuracy.
+    """Evaluate a run or a deployed model: loss, top-1/5, per-class and macro accuracy, confusion matrix, speed.
 
     Examples:
       adaptune eval runs/quickstart-20261124-101500
-      adaptune eval runs/x --split val --checkpoint last --json
+      adaptune eval merged.safetensors --split val --json
+      adaptune eval exported/ --data-root /data/vtab --out eval/
     """
 
     def go() -> None:
-        from adaptune.evaluate import evaluate_run
+        from adaptune.evaluate import evaluate_artifact, print_report
 
-        result = evaluate_run(run_dir, split=split, checkpoint=checkpoint)
+        result = evaluate_artifact(path, split=split, checkpoint=checkpoint, data_root=data_root, out=out)
         if json_:
             print(json.dumps(result))
-            return
-        print(f"{run_dir} [{checkpoint}] on {split} ({result['samples']} images)")
-        for key in ("loss", "top1", "top5", "macro_top1"):
-            value = result[key]
-            print(f"  {key:<10} {value:.4f}" if key == "loss" else f"  {key:<10} {value:.2f}%")
+        else:
+            print_report(result)
+
+    _run(go, debug)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (only read).")],
+    out: Annotated[Path, typer.Option("--out", help="The merged .safetensors file to write.")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best (default), last, or final.")] = "best",
+    no_fold: Annotated[bool, typer.Option("--no-fold", help="Keep linear adapters as modules (form merged).")] = False,
+    dtype: Annotated[str, typer.Option("--dtype", help="Dtype of the written weights: fp32, bf16 or fp16.")] = "fp32",
+    json_: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Merge a run into one deployable file, checked against the unmerged model (exit 1, nothing written, if not).
+
+    Examples:
+      adaptune merge runs/lora-cifar --out lora-cifar.safetensors
+      adaptune merge runs/mosa-cifar --out mosa-cifar.safetensors --dtype bf16
+    """
+
+    def go() -> None:
+        from adaptune.merge import format_merge_report
+        from adaptune.merge import merge as merge_fn
+
+        report = merge_fn(run_dir, out, checkpoint=checkpoint, fold=not no_fold, dtype=dtype)
+        print(json.dumps(report) if json_ else format_merge_report(report))
+
+    _run(go, debug)
+
+
+@app.command()
+def export(
+    source: Annotated[Path, typer.Argument(help="Run directory or merged .safetensors file.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="timm, onnx, exported-program or peft (LoRA on whole modules).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="File (onnx, exported-program) or new directory (timm, peft).")],
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="Run directory only: best, last, final.")] = "best",
+    json_: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Export for deployment, verified against PyTorch on a fixed batch (exit 1, nothing written, if it differs).
+
+    Examples:
+      adaptune export runs/lora-cifar --format timm --out lora-cifar/
+      adaptune export mosa-cifar.safetensors --format onnx --out mosa-cifar.onnx
+    """
+
+    def go() -> None:
+        from adaptune.export import export as export_fn
+        from adaptune.export import format_export_report
+
+        report = export_fn(source, format_, out, checkpoint=checkpoint)
+        print(json.dumps(report) if json_ else format_export_report(report))
 
     _run(go, debug)
 

@@ -46,16 +46,25 @@ def setup(device_spec: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world_size, local_rank), device
 
 
-def all_reduce_sum(values: list[float], device: torch.device, d: Dist) -> list[float]:
-    """Sum a few floats across processes (identity on one process)."""
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def sum_reducer(d: Dist):  # noqa: ANN201
+    """A function summing a tensor over processes, or None on one process (for `evaluate`'s ``reduce``)."""
     if not d.enabled:
-        return values
-    import torch
+        return None
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    def reduce(t):  # noqa: ANN001, ANN202
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    return reduce
 
 
 def teardown(d: Dist) -> None:

@@ -1,15 +1,29 @@
-"""One evaluation function for training, ``adaptune eval`` and the merge/export checks."""
+"""One evaluation function for training and ``adaptune eval``, and the eval report (tables, CSV, PNG).
+
+`evaluate` runs a model over a loader; `evaluate_artifact` rebuilds any artifact (run directory, merged file,
+exported timm directory; see `merge.load_artifact`), evaluates it on a split of its recipe's data and writes
+``metrics.csv``, ``per_class.csv``, ``confusion.csv``, ``results.json`` and, with the ``[plot]`` extra,
+``confusion.png``.
+"""
 
 from __future__ import annotations
 
+import csv
+import io
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
     from torch.utils.data import DataLoader
+
+MAX_TABLE_ROWS = 40  # per-class rows shown on the terminal; the CSV has all
+MAX_TERMINAL_CONFUSION = 12  # classes up to which the confusion matrix is also printed
 
 
 def autocast(device: torch.device, precision: str):  # noqa: ANN201
@@ -29,15 +43,18 @@ def evaluate(
     num_classes: int,
     precision: str = "fp32",
     confusion: bool = True,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 (in %), per-class and macro accuracy, confusion matrix, throughput.
 
     The model is put in eval mode for the pass (consolidated adapters: MoSA evaluates its merged expert) and its mode
-    is restored afterwards.
+    is restored afterwards. Under DDP each process sees a shard of the split; ``reduce`` (a sum over processes) turns
+    the shards' counts into the metrics of the whole split.
 
     Returns:
-        ``{"loss", "top1", "top5", "macro_top1", "per_class_top1" (list), "confusion" (list of lists, rows = true
-        class), "samples", "images_per_s", "peak_memory_mb"}``
+        ``{"loss", "top1", "top5", "macro_top1", "per_class_top1" (list), "per_class_support" (list), "confusion"
+        (list of lists, rows = true class), "samples", "images_per_s" (model forward only, after a first warm-up
+        batch), "eval_seconds" (the whole pass, data included), "peak_memory_mb" (CUDA; None on the CPU)}``
     """
     import torch
     import torch.nn.functional as F
@@ -47,16 +64,25 @@ def evaluate(
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     loss_sum, top5_hits, seen = 0.0, 0, 0
     k = min(5, num_classes)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
+    start, forward_s, timed = time.perf_counter(), 0.0, 0
     with torch.inference_mode():
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
             with autocast(device, precision):
                 logits = model(images)
             logits = logits.float()
+            if cuda:
+                torch.cuda.synchronize(device)
+            if seen or len(loader) == 1:  # the first of several batches is warm-up (allocator, kernel selection)
+                forward_s += time.perf_counter() - t0
+                timed += labels.numel()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             topk = logits.topk(k, dim=1).indices  # (B, k)
             top5_hits += (topk == labels[:, None]).any(dim=1).sum().item()
@@ -67,6 +93,10 @@ def evaluate(
             seen += labels.numel()
     elapsed = time.perf_counter() - start
     model.train(was_training)
+    if reduce is not None:
+        totals = reduce(torch.tensor([loss_sum, top5_hits, seen], dtype=torch.float64, device=device)).tolist()
+        loss_sum, top5_hits, seen = totals[0], int(totals[1]), int(totals[2])
+        matrix = reduce(matrix.to(device)).cpu()
     if seen == 0:
         raise ValueError("evaluate: the loader yielded no samples")
     correct = matrix.diag()
@@ -79,30 +109,207 @@ def evaluate(
         "top5": 100.0 * top5_hits / seen,
         "macro_top1": 100.0 * per_class[present].mean().item(),
         "per_class_top1": [None if torch.isnan(v) else 100.0 * v.item() for v in per_class],
+        "per_class_support": per_class_total.tolist(),
         "samples": seen,
-        "images_per_s": seen / elapsed if elapsed > 0 else float("inf"),
-        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        "images_per_s": timed / forward_s if forward_s > 0 else float("inf"),
+        "eval_seconds": elapsed,
+        "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
     }
     if confusion:
         result["confusion"] = matrix.tolist()
     return result
 
 
-def evaluate_run(run_dir: str, split: str = "test", checkpoint: str = "best", device: str = "auto") -> dict[str, Any]:
-    """Rebuild a run's model from its directory and evaluate it on a split of its recipe's data."""
+def evaluate_artifact(
+    path: str | Path,
+    split: str = "test",
+    checkpoint: str = "best",
+    data_root: str | None = None,
+    out: str | Path | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a run directory, merged file or exported timm directory on a split of its recipe's data.
+
+    Args:
+        path: The artifact (see `merge.load_artifact`).
+        split: Split name as in the recipe (``train``, ``val``, ``test``, a VTAB list name).
+        checkpoint: For a run directory: ``best``, ``last`` or ``final``.
+        data_root: Replaces the recipe's ``data.root`` (data moved to another machine).
+        out: Directory for the CSV/JSON/PNG files; default `default_eval_dir`.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: Images per batch; default the recipe's evaluation batch size.
+        write: Write the files (False: only return the numbers).
+
+    Returns:
+        `evaluate`'s numbers plus ``path``, ``form``, ``method``, ``backbone``, ``checkpoint``, ``split``,
+        ``class_names``, ``weights_mb``, ``peak_rss_mb`` (CPU: the process's peak resident memory) and ``files``.
+
+    Raises:
+        ArtifactError: The artifact cannot be loaded; ``out`` is in a missing directory.
+        DataError: The data or split cannot be found (``--data-root`` / ``--split`` name the fix).
+    """
     import torch
 
     from adaptune import data
-    from adaptune.artifacts import load_run
     from adaptune.backbone import input_spec
+    from adaptune.merge import check_out_path, load_artifact
 
-    model, recipe, manifest = load_run(run_dir, checkpoint)
+    out_dir = check_out_path(out) if out is not None else default_eval_dir(Path(path), split, checkpoint)
+    model, manifest, recipe = load_artifact(path, checkpoint)
+    if data_root is not None:
+        recipe = recipe.replace(data=replace(recipe.data, root=data_root))
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     size, mean, std = input_spec(model, recipe)
     loader = data.build_eval_loader(
-        recipe.data, split, img_size=size, mean=mean, std=std,
-        batch_size=recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
+        recipe.data, split, img_size=size, mean=mean, std=std,  # type: ignore[arg-type]  # (r, g, b) from timm
+        batch_size=batch_size or recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
     )
     result = evaluate(model.to(dev), loader, dev, manifest["num_classes"], recipe.train.precision)
-    result.update(run_dir=str(run_dir), checkpoint=checkpoint, split=split, class_names=manifest.get("class_names"))
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    result.update(
+        path=str(path), form=manifest["form"], method=recipe.method_name, backbone=recipe.backbone.model,
+        checkpoint=checkpoint if manifest["form"] == "run" else None, split=split, device=str(dev),
+        class_names=list(manifest.get("class_names") or [str(i) for i in range(manifest["num_classes"])]),
+        weights_mb=weights / 2**20, peak_rss_mb=None if dev.type == "cuda" else _peak_rss_mb(),
+    )
+    result["files"] = write_eval_files(result, out_dir) if write else {}
     return result
+
+
+def default_eval_dir(path: Path, split: str, checkpoint: str) -> Path:
+    """``RUN/eval/<split>-<checkpoint>`` for a run directory, ``<name>-eval/<split>`` beside any other artifact."""
+    from adaptune.artifacts import ADAPTER_CONFIG
+
+    if (path / ADAPTER_CONFIG).is_file():
+        return path / "eval" / f"{split}-{checkpoint}"
+    return path.with_name(f"{path.stem}-eval") / split
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# files and terminal report
+
+
+def write_eval_files(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    """Write ``metrics.csv``, ``per_class.csv``, ``confusion.csv``, ``results.json`` and (with matplotlib)
+    ``confusion.png`` into ``out_dir`` (created), each atomically; returns ``{kind: path}``."""
+    from adaptune.artifacts import atomic_write_text, write_json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = result["class_names"]
+    files = {
+        "metrics": out_dir / "metrics.csv",
+        "per_class": out_dir / "per_class.csv",
+        "confusion": out_dir / "confusion.csv",
+        "results": out_dir / "results.json",
+    }
+    atomic_write_text(files["metrics"], _csv([("metric", "value"), *_metric_rows(result)]))
+    rows: list[tuple[Any, ...]] = [("class", "name", "images", "correct", "top1")]
+    for i, (name, acc, n) in enumerate(zip(names, result["per_class_top1"], result["per_class_support"], strict=True)):
+        rows.append((i, name, n, result["confusion"][i][i], "" if acc is None else f"{acc:.4f}"))
+    atomic_write_text(files["per_class"], _csv(rows))
+    matrix = result["confusion"]
+    header = ("true \\ predicted", *names)
+    atomic_write_text(files["confusion"], _csv([header, *[(n, *row) for n, row in zip(names, matrix, strict=True)]]))
+    write_json(files["results"], {k: v for k, v in result.items() if k != "files"})
+    png = out_dir / "confusion.png"
+    if _plot_confusion(matrix, names, png):
+        files["confusion_png"] = png
+    return {k: str(v) for k, v in files.items()}
+
+
+def _metric_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    keys = ("samples", "loss", "top1", "top5", "macro_top1", "images_per_s", "peak_memory_mb", "peak_rss_mb",
+            "weights_mb", "eval_seconds")
+    return [(k, result[k]) for k in keys if result.get(k) is not None]
+
+
+def _csv(rows: list[tuple[Any, ...]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def _plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> bool:
+    """Row-normalised confusion matrix as a PNG; False (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import numpy as np
+
+    from adaptune.artifacts import atomic_write_bytes
+
+    counts = np.asarray(matrix, dtype=np.float64)
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(names)
+    side = min(4 + 0.35 * n, 24)
+    fig, ax = plt.subplots(figsize=(side, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= 40:
+        ax.set_xticks(range(n), names, rotation=90)
+        ax.set_yticks(range(n), names)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """The terminal report of ``adaptune eval``: summary, per-class accuracy and (small) confusion matrix."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    where = f"{result['path']} [{result['checkpoint']}]" if result["checkpoint"] else result["path"]
+    summary = Table(title=f"{where}: {result['method']} on {result['backbone']}, split {result['split']}")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    fmt = {"loss": "{:.4f}", "top1": "{:.2f}%", "top5": "{:.2f}%", "macro_top1": "{:.2f}%", "samples": "{:,}",
+           "images_per_s": "{:,.1f}", "peak_memory_mb": "{:,.1f} MiB", "peak_rss_mb": "{:,.1f} MiB (process)",
+           "weights_mb": "{:,.1f} MiB", "eval_seconds": "{:.2f} s"}
+    for key, value in _metric_rows(result):
+        summary.add_row(key, fmt[key].format(value))
+    console.print(summary)
+
+    names = result["class_names"]
+    per_class = Table(title="per-class top-1")
+    for col in ("class", "name", "images", "top1"):
+        per_class.add_column(col, justify="left" if col == "name" else "right")
+    for i, (name, acc, n) in enumerate(zip(names, result["per_class_top1"], result["per_class_support"], strict=True)):
+        if i == MAX_TABLE_ROWS:
+            per_class.add_row("...", f"{len(names) - i} more in per_class.csv", "", "")
+            break
+        per_class.add_row(str(i), name, str(n), "-" if acc is None else f"{acc:.2f}%")
+    console.print(per_class)
+
+    if len(names) <= MAX_TERMINAL_CONFUSION:
+        confusion = Table(title="confusion matrix (rows: true, columns: predicted)")
+        confusion.add_column("")
+        for name in names:
+            confusion.add_column(name, justify="right")
+        for name, row in zip(names, result["confusion"], strict=True):
+            confusion.add_row(name, *map(str, row))
+        console.print(confusion)
+    for kind, path in result["files"].items():
+        console.print(f"{kind}: {path}", highlight=False)

@@ -212,6 +212,7 @@ def train(
             artifacts.save_checkpoint(run_dir / "checkpoints" / which, model, manifest, trainer_state())
 
     metrics_path = run_dir / "metrics.jsonl"
+    reduce = distributed.sum_reducer(dist)
 
     def log_metrics(record: dict[str, Any]) -> None:
         if dist.is_main:
@@ -300,7 +301,8 @@ def train(
                 if bar is not None:
                     bar.close()
                     bar = None
-                tot = distributed.all_reduce_sum([correct, seen, loss_sum], device, dist)
+                tot = torch.tensor([correct, seen, loss_sum], dtype=torch.float64, device=device)
+                tot = (reduce(tot) if reduce else tot).tolist()
                 train_top1 = 100.0 * tot[0] / max(tot[1], 1)
                 record: dict[str, Any] = {
                     "epoch": epoch + 1, "step": state["step"], "train_loss": tot[2] / max(tot[1], 1),
@@ -313,7 +315,7 @@ def train(
                     )
                 last_epoch = state["step"] >= total_steps
                 if loaders.val is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
-                    val = evaluate(model, loaders.val, device, b.info.num_classes, cfg.precision, confusion=False)
+                    val = evaluate(model, loaders.val, device, b.info.num_classes, cfg.precision, False, reduce)
                     record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
                     if val["top1"] > state["best_top1"] and recipe.output.save_best:
                         state["best_top1"], state["best_epoch"] = val["top1"], epoch + 1
@@ -329,7 +331,7 @@ def train(
         if bar is not None:
             bar.close()
 
-    summary = _finish(recipe, model, spec, loaders, device, b, state, run_dir, manifest, dist, say)
+    summary = _finish(recipe, model, loaders, device, b, state, run_dir, manifest, dist, reduce, say)
     summary.update(
         wall_time_s=time.perf_counter() - wall_start,
         train_images_per_s=images_seen / compute_time if compute_time else None,
@@ -342,17 +344,19 @@ def train(
     return RunResult(run_dir, summary)
 
 
-def _finish(recipe, model, spec, loaders, device, b, state, run_dir, manifest, dist, say) -> dict[str, Any]:  # noqa: ANN001
+def _finish(recipe, model, loaders, device, b, state, run_dir, manifest, dist, reduce, say) -> dict[str, Any]:  # noqa: ANN001
     """Test the last and the best weights; write the selected weights as the run's ``adapter_model.safetensors``."""
+    from adaptune import distributed
     from adaptune.evaluate import evaluate
 
     cfg = recipe.train
     test_last = test_best = None
     if loaders.test is not None:
-        test_last = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, confusion=False)["top1"]
+        test_last = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, False, reduce)["top1"]
     selected = "last"
-    if state["best_epoch"] is not None and dist.is_main:
+    if state["best_epoch"] is not None:  # the same on every process: validation metrics are summed over all
         selected = "best"
+        distributed.barrier(dist)  # rank 0 wrote the best checkpoint
         if state["best_epoch"] == state["epoch"]:  # the last weights are the best ones: no second test pass
             test_best = test_last
         else:
@@ -360,7 +364,7 @@ def _finish(recipe, model, spec, loaders, device, b, state, run_dir, manifest, d
             tensors, _ = artifacts.load_safetensors(best / artifacts.ADAPTER_WEIGHTS)
             artifacts.load_adapter_state(model, tensors, best)
             if loaders.test is not None:
-                test_best = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, confusion=False)
+                test_best = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, False, reduce)
                 test_best = test_best["top1"]
     if dist.is_main:
         artifacts.save_safetensors(

@@ -43,3 +43,6 @@ def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4, msg=key)
+    # validation and test metrics are summed over the processes' shards: the whole split, as on one process
+    assert ddp["test_top1_last"] == single["test_top1_last"]
+    assert ddp["best_val_top1"] == single["best_val_top1"]
