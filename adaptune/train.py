@@ -133,6 +133,7 @@ def train(
     from adaptune import data, distributed
     from adaptune.evaluate import autocast, evaluate
 
+    wall_start = time.perf_counter()
     say = log or (lambda _msg: None)
     dist, device = distributed.setup(recipe.train.device)
     if not dist.is_main:
@@ -223,10 +224,11 @@ def train(
         f"{recipe.method_name} on {recipe.backbone.model}: trainable params: {b.trainable:,} || all params: "
         f"{b.total:,} || trainable%: {100 * b.trainable / b.total:.4f}"
     )
-    say(f"{b.info.split_sizes} images, {b.info.num_classes} classes, {total_steps} steps of batch {cfg.batch_size}")
+    sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())
+    say(f"{sizes} images, {b.info.num_classes} classes, {total_steps} steps of batch {cfg.batch_size}")
 
     stop = _StopFlag()
-    wall_start, data_time, compute_time, images_seen = time.perf_counter(), 0.0, 0.0, 0
+    data_time, compute_time, images_seen = 0.0, 0.0, 0
     bar = None
     try:
         with stop.installed():
