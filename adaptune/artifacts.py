@@ -74,7 +74,9 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, manifest: dict[str, Any] | None = None) -> None:
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, manifest: dict[str, Any] | None = None
+) -> None:
     """Save tensors atomically; ``manifest`` goes into the metadata as JSON under the key ``adaptune``."""
     from safetensors.torch import save
 
@@ -179,8 +181,9 @@ def _head_prefix(model: nn.Module) -> str:
     return "\0"
 
 
-def build_manifest(recipe: Recipe, num_classes: int, class_names: list[str] | tuple[str, ...], trainable: int,
-                   targets: list[str]) -> dict[str, Any]:
+def build_manifest(
+    recipe: Recipe, num_classes: int, class_names: list[str] | tuple[str, ...], trainable: int, targets: list[str]
+) -> dict[str, Any]:
     """The adaptune manifest: what a loader needs to rebuild the model without the recipe file."""
     import timm
 
@@ -248,7 +251,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         return torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise ArtifactError(f"{ckpt}: no {TRAINER_STATE}; cannot resume from this checkpoint") from None
-    except Exception as e:  # noqa: BLE001  (torch raises many kinds for a damaged pickle)
+    except Exception as e:
         raise ArtifactError(f"{ckpt / TRAINER_STATE}: unreadable ({type(e).__name__}); the file is damaged") from None
 
 

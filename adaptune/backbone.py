@@ -79,7 +79,7 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
             model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
     except TypeError as e:
         raise BackboneError(f"backbone: timm.create_model({name!r}) rejected an option: {e}") from None
-    except Exception as e:  # noqa: BLE001  (torch, safetensors and numpy raise many kinds for a bad file)
+    except Exception as e:
         if pretrained:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
             raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}") from None
@@ -194,6 +194,11 @@ def input_spec(model: nn.Module, recipe: Recipe) -> tuple[int, tuple[float, ...]
     cfg = timm.data.resolve_data_config({}, model=model)
     size = recipe.data.img_size or recipe.backbone.img_size or int(cfg["input_size"][-1])
     return size, tuple(cfg["mean"]), tuple(cfg["std"])
+
+
+def parameter_line(trainable: int, total: int) -> str:
+    """PEFT's familiar ``trainable params: X || all params: Y || trainable%: Z`` line."""
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

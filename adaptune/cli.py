@@ -51,7 +51,7 @@ def _run(fn: Callable[[], Any], debug: bool) -> Any:
             raise
         _err("interrupted")
         raise typer.Exit(130) from None
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         if debug:
             raise
         _err(f"{type(e).__name__}: {e} (run with --debug for the traceback)")
@@ -129,7 +129,10 @@ def train(
         from adaptune.train import train as train_fn
 
         result = train_fn(
-            r, out_dir=resume or out, resume=resume is not None, log=_logger(quiet),
+            r,
+            out_dir=resume or out,
+            resume=resume is not None,
+            log=_logger(quiet),
             progress=not quiet and sys.stderr.isatty(),
         )
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -159,6 +162,7 @@ def _launch_torchrun(nproc: int) -> int:
 
 
 def _dry_run(r: Any, as_json: bool) -> None:
+    from adaptune.backbone import parameter_line
     from adaptune.train import build
 
     b = build(r)
@@ -179,9 +183,7 @@ def _dry_run(r: Any, as_json: bool) -> None:
     print(f"# matched modules ({len(b.touched)}):")
     for name in b.touched:
         print(f"#   {name or '<whole model>'}")
-    print(
-        f"# trainable params: {b.trainable:,} || all params: {b.total:,} || trainable%: {100 * b.trainable / b.total:.4f}"
-    )
+    print(f"# {parameter_line(b.trainable, b.total)}")
     print(f"# classes: {b.info.num_classes}, input size: {b.input_size}, merge plan: {plan}")
 
 

@@ -53,13 +53,13 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def sum_reducer(d: Dist):  # noqa: ANN201
+def sum_reducer(d: Dist):
     """A function summing a tensor over processes, or None on one process (for `evaluate`'s ``reduce``)."""
     if not d.enabled:
         return None
     import torch.distributed as dist
 
-    def reduce(t):  # noqa: ANN001, ANN202
+    def reduce(t):
         t = t.clone()
         dist.all_reduce(t)
         return t

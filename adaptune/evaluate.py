@@ -26,7 +26,7 @@ MAX_TABLE_ROWS = 40  # per-class rows shown on the terminal; the CSV has all
 MAX_TERMINAL_CONFUSION = 12  # classes up to which the confusion matrix is also printed
 
 
-def autocast(device: torch.device, precision: str):  # noqa: ANN201
+def autocast(device: torch.device, precision: str):
     """Autocast context for ``precision`` (fp32: none)."""
     import torch
 
@@ -87,9 +87,9 @@ def evaluate(
             topk = logits.topk(k, dim=1).indices  # (B, k)
             top5_hits += (topk == labels[:, None]).any(dim=1).sum().item()
             pred = topk[:, 0]
-            matrix += torch.bincount(
-                (labels * num_classes + pred).cpu(), minlength=num_classes * num_classes
-            ).view(num_classes, num_classes)
+            matrix += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes * num_classes).view(
+                num_classes, num_classes
+            )
             seen += labels.numel()
     elapsed = time.perf_counter() - start
     model.train(was_training)
@@ -163,16 +163,26 @@ def evaluate_artifact(
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     size, mean, std = input_spec(model, recipe)
     loader = data.build_eval_loader(
-        recipe.data, split, img_size=size, mean=mean, std=std,  # type: ignore[arg-type]  # (r, g, b) from timm
+        recipe.data,
+        split,
+        img_size=size,
+        mean=mean,
+        std=std,  # type: ignore[arg-type]  # (r, g, b) from timm
         batch_size=batch_size or recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
     )
     result = evaluate(model.to(dev), loader, dev, manifest["num_classes"], recipe.train.precision)
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     result.update(
-        path=str(path), form=manifest["form"], method=recipe.method_name, backbone=recipe.backbone.model,
-        checkpoint=checkpoint if manifest["form"] == "run" else None, split=split, device=str(dev),
+        path=str(path),
+        form=manifest["form"],
+        method=recipe.method_name,
+        backbone=recipe.backbone.model,
+        checkpoint=checkpoint if manifest["form"] == "run" else None,
+        split=split,
+        device=str(dev),
         class_names=list(manifest.get("class_names") or [str(i) for i in range(manifest["num_classes"])]),
-        weights_mb=weights / 2**20, peak_rss_mb=None if dev.type == "cuda" else _peak_rss_mb(),
+        weights_mb=weights / 2**20,
+        peak_rss_mb=None if dev.type == "cuda" else _peak_rss_mb(),
     )
     result["files"] = write_eval_files(result, out_dir) if write else {}
     return result
@@ -226,8 +236,18 @@ def write_eval_files(result: dict[str, Any], out_dir: Path) -> dict[str, str]:
 
 
 def _metric_rows(result: dict[str, Any]) -> list[tuple[str, Any]]:
-    keys = ("samples", "loss", "top1", "top5", "macro_top1", "images_per_s", "peak_memory_mb", "peak_rss_mb",
-            "weights_mb", "eval_seconds")
+    keys = (
+        "samples",
+        "loss",
+        "top1",
+        "top5",
+        "macro_top1",
+        "images_per_s",
+        "peak_memory_mb",
+        "peak_rss_mb",
+        "weights_mb",
+        "eval_seconds",
+    )
     return [(k, result[k]) for k in keys if result.get(k) is not None]
 
 
@@ -263,8 +283,15 @@ def _plot_confusion(matrix: list[list[int]], names: list[str], path: Path) -> bo
     if n <= 20:
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if rates[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(counts[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if rates[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     fig.tight_layout()
@@ -285,9 +312,18 @@ def print_report(result: dict[str, Any]) -> None:
     summary = Table(title=f"{where}: {result['method']} on {result['backbone']}, split {result['split']}")
     summary.add_column("metric")
     summary.add_column("value", justify="right")
-    fmt = {"loss": "{:.4f}", "top1": "{:.2f}%", "top5": "{:.2f}%", "macro_top1": "{:.2f}%", "samples": "{:,}",
-           "images_per_s": "{:,.1f}", "peak_memory_mb": "{:,.1f} MiB", "peak_rss_mb": "{:,.1f} MiB (process)",
-           "weights_mb": "{:,.1f} MiB", "eval_seconds": "{:.2f} s"}
+    fmt = {
+        "loss": "{:.4f}",
+        "top1": "{:.2f}%",
+        "top5": "{:.2f}%",
+        "macro_top1": "{:.2f}%",
+        "samples": "{:,}",
+        "images_per_s": "{:,.1f}",
+        "peak_memory_mb": "{:,.1f} MiB",
+        "peak_rss_mb": "{:,.1f} MiB (process)",
+        "weights_mb": "{:,.1f} MiB",
+        "eval_seconds": "{:.2f} s",
+    }
     for key, value in _metric_rows(result):
         summary.add_row(key, fmt[key].format(value))
     console.print(summary)

@@ -138,8 +138,17 @@ def _export_manifest(
 ) -> dict[str, Any]:
     from adaptune import __version__
 
-    keep = ("format_version", "timm_version", "adapter_type", "method", "targets", "backbone", "num_classes",
-            "class_names", "trainable_parameters")
+    keep = (
+        "format_version",
+        "timm_version",
+        "adapter_type",
+        "method",
+        "targets",
+        "backbone",
+        "num_classes",
+        "class_names",
+        "trainable_parameters",
+    )
     return {
         **{k: art.manifest[k] for k in keep if k in art.manifest},
         "format": fmt,
@@ -165,8 +174,14 @@ def _check(got: torch.Tensor, reference: torch.Tensor, tol: float, what: str) ->
 
 
 def _write_timm(
-    model: nn.Module, art: Artifact, manifest: dict[str, Any], out: Path, images: torch.Tensor, size: int,
-    tol: float, reference: torch.Tensor,
+    model: nn.Module,
+    art: Artifact,
+    manifest: dict[str, Any],
+    out: Path,
+    images: torch.Tensor,
+    size: int,
+    tol: float,
+    reference: torch.Tensor,
 ) -> tuple[torch.Tensor, str]:
     """timm's own layout via ``timm.models.save_for_hf``, read back with ``timm.create_model("local-dir:...")``."""
     import timm
@@ -181,8 +196,13 @@ def _write_timm(
             "interpolation": art.recipe.data.interpolation,
             "crop_pct": 1.0,
         }
-        save_for_hf(model, str(tmp), model_config={"label_names": manifest.get("class_names")},
-                    safe_serialization=True, data_config=data_config)
+        save_for_hf(
+            model,
+            str(tmp),
+            model_config={"label_names": manifest.get("class_names")},
+            safe_serialization=True,
+            data_config=data_config,
+        )
         # the same tensors again, with the adaptune manifest in the metadata (timm ignores metadata)
         artifacts.save_safetensors(model.state_dict(), tmp / TIMM_WEIGHTS, manifest)
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True)
@@ -196,8 +216,14 @@ def _write_timm(
 
 
 def _write_onnx(
-    model: nn.Module, art: Artifact, manifest: dict[str, Any], out: Path, images: torch.Tensor, size: int,
-    tol: float, reference: torch.Tensor,
+    model: nn.Module,
+    art: Artifact,
+    manifest: dict[str, Any],
+    out: Path,
+    images: torch.Tensor,
+    size: int,
+    tol: float,
+    reference: torch.Tensor,
 ) -> tuple[torch.Tensor, str]:
     """ONNX (opset 17) with a dynamic batch dimension, the manifest in ``metadata_props["adaptune"]``."""
     import torch
@@ -212,8 +238,13 @@ def _write_onnx(
         with warnings.catch_warnings():  # the tracer's notes on Python constants and the exporter's deprecation
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (parity_batch(size, n=TRACE_BATCH, seed=1),), str(tmp), dynamo=False, opset_version=17,
-                input_names=["images"], output_names=["logits"],
+                model,
+                (parity_batch(size, n=TRACE_BATCH, seed=1),),
+                str(tmp),
+                dynamo=False,
+                opset_version=17,
+                input_names=["images"],
+                output_names=["logits"],
                 dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
         proto = onnx.load(str(tmp))
@@ -231,8 +262,14 @@ def _write_onnx(
 
 
 def _write_program(
-    model: nn.Module, art: Artifact, manifest: dict[str, Any], out: Path, images: torch.Tensor, size: int,
-    tol: float, reference: torch.Tensor,
+    model: nn.Module,
+    art: Artifact,
+    manifest: dict[str, Any],
+    out: Path,
+    images: torch.Tensor,
+    size: int,
+    tol: float,
+    reference: torch.Tensor,
 ) -> tuple[torch.Tensor, str]:
     """``torch.export`` with a dynamic batch dimension, saved with ``torch.export.save`` (manifest as an extra file
     ``adaptune.json``) and read back with ``torch.export.load``."""
@@ -244,7 +281,8 @@ def _write_program(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.export.export(
-                model, (parity_batch(size, n=TRACE_BATCH, seed=1),),
+                model,
+                (parity_batch(size, n=TRACE_BATCH, seed=1),),
                 dynamic_shapes=({0: Dim("batch", min=1, max=1 << 16)},),
             )
         torch.export.save(program, str(tmp), extra_files={"adaptune.json": json.dumps(manifest)})
@@ -259,8 +297,14 @@ def _write_program(
 
 
 def _write_peft(
-    model: nn.Module, art: Artifact, manifest: dict[str, Any], out: Path, images: torch.Tensor, size: int,
-    tol: float, reference: torch.Tensor,
+    model: nn.Module,
+    art: Artifact,
+    manifest: dict[str, Any],
+    out: Path,
+    images: torch.Tensor,
+    size: int,
+    tol: float,
+    reference: torch.Tensor,
 ) -> tuple[torch.Tensor | None, str]:
     """PEFT's LoRA layout: ``adapter_config.json`` (``peft_type: LORA``) + ``adapter_model.safetensors`` with keys
     ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight`` and the head in full (``modules_to_save``).

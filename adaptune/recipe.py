@@ -246,7 +246,12 @@ def recipe_from_dict(
             errors.append(f"{where(key)}: {key}: unknown section{did_you_mean(key, SECTIONS)}")
 
     sections: dict[str, Any] = {}
-    for key, cls in (("backbone", BackboneConfig), ("data", DataConfig), ("train", TrainConfig), ("output", OutputConfig)):
+    for key, cls in (
+        ("backbone", BackboneConfig),
+        ("data", DataConfig),
+        ("train", TrainConfig),
+        ("output", OutputConfig),
+    ):
         sections[key] = _build(cls, raw.get(key) or {}, key, where, errors)
 
     method_raw = raw.get("method")
@@ -303,10 +308,9 @@ def _apply_override(raw: dict[str, Any], item: str, where: _Where, errors: list[
     except yaml.YAMLError:
         value = text
     parts = key.split(".")
-    if len(parts) < 2 or parts[0] not in SECTIONS:
-        if key not in ("name",):
-            errors.append(f"--set {key}: keys start with a section ({', '.join(SECTIONS)}), e.g. train.lr")
-            return
+    if (len(parts) < 2 or parts[0] not in SECTIONS) and key != "name":
+        errors.append(f"--set {key}: keys start with a section ({', '.join(SECTIONS)}), e.g. train.lr")
+        return
     node = raw
     for part in parts[:-1]:
         child = node.get(part)

@@ -131,6 +131,7 @@ def train(
     import torch.nn.functional as F
 
     from adaptune import data, distributed
+    from adaptune.backbone import parameter_line
     from adaptune.evaluate import autocast, evaluate
 
     wall_start = time.perf_counter()
@@ -144,15 +145,24 @@ def train(
     if resume:
         ckpt = artifacts.find_checkpoint(run_dir, "last")
     elif (run_dir / artifacts.ADAPTER_CONFIG).exists():
-        raise ArtifactError(f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out")
+        raise ArtifactError(
+            f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out"
+        )
 
     b = build(recipe)
     model, spec, cfg = b.model.to(device), b.spec, recipe.train
     manifest = artifacts.build_manifest(recipe, b.info.num_classes, b.info.class_names, b.trainable, b.touched)
     loaders = data.build_loaders(
-        recipe.data, img_size=b.input_size, mean=b.mean, std=b.std, batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size, seed=cfg.seed, pin_memory=device.type == "cuda",
-        rank=dist.rank, world_size=dist.world_size,
+        recipe.data,
+        img_size=b.input_size,
+        mean=b.mean,
+        std=b.std,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+        seed=cfg.seed,
+        pin_memory=device.type == "cuda",
+        rank=dist.rank,
+        world_size=dist.world_size,
     )
     train_model: nn.Module = model
     if dist.enabled:
@@ -164,7 +174,10 @@ def train(
     import timm.scheduler
 
     optimizer = timm.optim.create_optimizer_v2(
-        model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+        model,
+        opt=cfg.optimizer,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
         **({"eps": cfg.eps} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}),
     )
     micro_per_epoch = len(loaders.train)
@@ -172,10 +185,13 @@ def train(
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     scheduler = timm.scheduler.CosineLRScheduler(
-        optimizer, t_initial=max(1, total_steps - round(cfg.warmup_epochs * steps_per_epoch)),
+        optimizer,
+        t_initial=max(1, total_steps - round(cfg.warmup_epochs * steps_per_epoch)),
         lr_min=cfg.lr if cfg.schedule == "constant" else cfg.min_lr,
-        warmup_t=round(cfg.warmup_epochs * steps_per_epoch), warmup_lr_init=cfg.warmup_lr,
-        warmup_prefix=True, t_in_epochs=False,
+        warmup_t=round(cfg.warmup_epochs * steps_per_epoch),
+        warmup_lr_init=cfg.warmup_lr,
+        warmup_prefix=True,
+        t_in_epochs=False,
     )
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and device.type == "cuda" else None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -220,10 +236,7 @@ def train(
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    say(
-        f"{recipe.method_name} on {recipe.backbone.model}: trainable params: {b.trainable:,} || all params: "
-        f"{b.total:,} || trainable%: {100 * b.trainable / b.total:.4f}"
-    )
+    say(f"{recipe.method_name} on {recipe.backbone.model}: {parameter_line(b.trainable, b.total)}")
     sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())
     say(f"{sizes} images, {b.info.num_classes} classes, {total_steps} steps of batch {cfg.batch_size}")
 
@@ -241,8 +254,14 @@ def train(
                 if progress and dist.is_main:
                     from tqdm import tqdm
 
-                    bar = tqdm(total=micro_per_epoch, initial=state["micro"], desc=f"epoch {epoch + 1}/{num_epochs}",
-                               leave=False, file=sys.stderr, dynamic_ncols=True)
+                    bar = tqdm(
+                        total=micro_per_epoch,
+                        initial=state["micro"],
+                        desc=f"epoch {epoch + 1}/{num_epochs}",
+                        leave=False,
+                        file=sys.stderr,
+                        dynamic_ncols=True,
+                    )
                 t0 = time.perf_counter()
                 for images, targets in loaders.train:
                     t1 = time.perf_counter()
@@ -307,7 +326,9 @@ def train(
                 tot = (reduce(tot) if reduce else tot).tolist()
                 train_top1 = 100.0 * tot[0] / max(tot[1], 1)
                 record: dict[str, Any] = {
-                    "epoch": epoch + 1, "step": state["step"], "train_loss": tot[2] / max(tot[1], 1),
+                    "epoch": epoch + 1,
+                    "step": state["step"],
+                    "train_loss": tot[2] / max(tot[1], 1),
                     "train_top1": train_top1,
                 }
                 if epoch == 0 and train_top1 < 150.0 / b.info.num_classes and b.info.num_classes > 2:
@@ -346,7 +367,7 @@ def train(
     return RunResult(run_dir, summary)
 
 
-def _finish(recipe, model, loaders, device, b, state, run_dir, manifest, dist, reduce, say) -> dict[str, Any]:  # noqa: ANN001
+def _finish(recipe, model, loaders, device, b, state, run_dir, manifest, dist, reduce, say) -> dict[str, Any]:
     """Test the last and the best weights; write the selected weights as the run's ``adapter_model.safetensors``."""
     from adaptune import distributed
     from adaptune.evaluate import evaluate
@@ -370,7 +391,9 @@ def _finish(recipe, model, loaders, device, b, state, run_dir, manifest, dist, r
                 test_best = test_best["top1"]
     if dist.is_main:
         artifacts.save_safetensors(
-            artifacts.adapter_state_dict(model), run_dir / artifacts.ADAPTER_WEIGHTS, {**manifest, "checkpoint": selected}
+            artifacts.adapter_state_dict(model),
+            run_dir / artifacts.ADAPTER_WEIGHTS,
+            {**manifest, "checkpoint": selected},
         )
     summary = {
         "method": recipe.method_name,
@@ -464,12 +487,12 @@ class _StopFlag:
             raise KeyboardInterrupt
         self.requested = True
 
-    def installed(self):  # noqa: ANN201
+    def installed(self):
         import contextlib
         import threading
 
         @contextlib.contextmanager
-        def ctx():  # noqa: ANN202
+        def ctx():
             main = threading.current_thread() is threading.main_thread()
             if main:
                 for sig in (signal.SIGINT, signal.SIGTERM):

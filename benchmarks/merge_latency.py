@@ -32,20 +32,31 @@ CASES = {  # EfficientNet: the quickstart recipes' targets (LoRA on the pointwis
     ("vit_small_patch16_224", "lora"): {},
     ("vit_small_patch16_224", "mosa"): {},
     ("tf_efficientnet_lite0", "lora"): {"targets": EFFNET_LORA},
-    ("tf_efficientnet_lite0", "mosa"): {"style": "post", "norm": False, "scale": 1.0, "dropout": 0.0,
-                                        "targets": [f"{b}.?" for b in EFFNET_BLOCKS]},
+    ("tf_efficientnet_lite0", "mosa"): {
+        "style": "post",
+        "norm": False,
+        "scale": 1.0,
+        "dropout": 0.0,
+        "targets": [f"{b}.?" for b in EFFNET_BLOCKS],
+    },
 }
 
 
 def tiny_run(model: str, method: str, options: dict, out_dir: Path) -> Path:
-    recipe = recipe_from_dict({
-        "name": f"{model}-{method}",
-        "backbone": {"model": model, "pretrained": False},
-        "method": {"name": method, **options},
-        "data": {"source": "builtin", "name": "synthetic", "img_size": 224,
-                 "synthetic": {"num_classes": 10, "train_per_class": 1, "val_per_class": 1, "test_per_class": 1}},
-        "train": {"epochs": 1, "max_steps": 2, "batch_size": 5, "lr": 1e-2, "warmup_epochs": 0.0},
-    })
+    recipe = recipe_from_dict(
+        {
+            "name": f"{model}-{method}",
+            "backbone": {"model": model, "pretrained": False},
+            "method": {"name": method, **options},
+            "data": {
+                "source": "builtin",
+                "name": "synthetic",
+                "img_size": 224,
+                "synthetic": {"num_classes": 10, "train_per_class": 1, "val_per_class": 1, "test_per_class": 1},
+            },
+            "train": {"epochs": 1, "max_steps": 2, "batch_size": 5, "lr": 1e-2, "warmup_epochs": 0.0},
+        }
+    )
     return train(recipe, out_dir=out_dir).run_dir
 
 

@@ -23,8 +23,19 @@ def run(recipe: str, seed: int, out: Path) -> dict:
     run_dir = out / f"{recipe}-s{seed}"
     summary = run_dir / "summary.json"
     if not summary.exists():
-        cmd = [sys.executable, "-m", "adaptune", "train", recipe, "--set", f"train.seed={seed}",
-               "--out", str(run_dir), "--quiet", "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "adaptune",
+            "train",
+            recipe,
+            "--set",
+            f"train.seed={seed}",
+            "--out",
+            str(run_dir),
+            "--quiet",
+            "--json",
+        ]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(summary.read_text())
 
@@ -49,8 +60,10 @@ def main() -> None:
             return f"{statistics.mean(values):.2f}%{spread}"
 
         seconds = statistics.mean(r["wall_time_s"] for r in results)
-        print(f"| `{recipe}` | {results[0]['method']} | {results[0]['trainable_params']:,} | {stat('test_top1_best')} "
-              f"| {stat('test_top1_last')} | {len(results)} | {seconds:.0f} s |")
+        print(
+            f"| `{recipe}` | {results[0]['method']} | {results[0]['trainable_params']:,} | {stat('test_top1_best')} "
+            f"| {stat('test_top1_last')} | {len(results)} | {seconds:.0f} s |"
+        )
 
 
 if __name__ == "__main__":

@@ -295,6 +295,7 @@ def test_down_and_up_are_called_as_modules():
 
     model = small("convnext_atto")
     built = []
+
     def make(dim, cfg):
         built.append(cfg)
         return BottleneckAdapter.from_config(dim, cfg)

@@ -36,7 +36,9 @@ def test_local_weights_file_loads_and_the_head_is_recreated(tmp_path, suffix):
 
 
 def test_unknown_model_suggests_close_names():
-    with pytest.raises(BackboneError, match=r"backbone\.model: 'vit_tiny_patch16_22' is not a timm model; did you mean"):
+    with pytest.raises(
+        BackboneError, match=r"backbone\.model: 'vit_tiny_patch16_22' is not a timm model; did you mean"
+    ):
         create_backbone(BackboneConfig(model="vit_tiny_patch16_22"), num_classes=3)
 
 
@@ -55,7 +57,9 @@ def test_missing_and_unreadable_weights(tmp_path):
 
 def test_weights_of_another_architecture(tmp_path):
     _, path = save_weights(tmp_path, ".safetensors")
-    with pytest.raises(BackboneError, match=r"the weights do not fit 'resnet10t': 70 tensors missing \(e\.g\. conv1\.0\.weight"):
+    with pytest.raises(
+        BackboneError, match=r"the weights do not fit 'resnet10t': 70 tensors missing \(e\.g\. conv1\.0\.weight"
+    ):
         create_backbone(BackboneConfig(model="resnet10t", pretrained=str(path)), 3)
 
 

@@ -73,7 +73,10 @@ def test_set_overrides_and_dry_run(tmp_path):
         ({"train": {"lrr": 1}}, r"tiny\.yaml:\d+: train\.lrr: unknown key; did you mean 'lr'\?"),
         ({"train": {"epochs": "ten"}}, r"tiny\.yaml:\d+: train\.epochs: expected an integer, got str 'ten'"),
         ({"method": {"name": "mosaa"}}, r"method\.name: unknown method 'mosaa'; did you mean 'mosa'"),
-        ({"backbone": {"model": "vit_tiny_patch16_22"}}, r"backbone\.model: 'vit_tiny_patch16_22' is not a timm model; did you mean"),
+        (
+            {"backbone": {"model": "vit_tiny_patch16_22"}},
+            r"backbone\.model: 'vit_tiny_patch16_22' is not a timm model; did you mean",
+        ),
         ({"method": {"targets": ["blocks.*.atn.qkv"]}}, r"method\.targets: 'blocks\.\*\.atn\.qkv' matched no"),
         ({"data": {"source": "vtab", "root": "/nonexistent", "task": "cifar"}}, r"data\.root.*/nonexistent"),
     ],

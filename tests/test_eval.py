@@ -32,8 +32,14 @@ def runs(tmp_path_factory):
             method,
             backbone={"model_kwargs": {"depth": 2}},
             train={"epochs": 1, "lr": 2e-2, "warmup_epochs": 0.0},
-            data={"synthetic": {"num_classes": NUM_CLASSES, "train_per_class": 4, "val_per_class": 2,
-                                "test_per_class": TEST_PER_CLASS}},
+            data={
+                "synthetic": {
+                    "num_classes": NUM_CLASSES,
+                    "train_per_class": 4,
+                    "val_per_class": 2,
+                    "test_per_class": TEST_PER_CLASS,
+                }
+            },
         )
         run = train(recipe, out_dir=root / method)
         merged = root / f"{method}.safetensors"

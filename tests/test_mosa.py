@@ -513,7 +513,13 @@ def test_shipped_recipes_validate():
     assert m.consistency_weight == 1.0 and (m.style, m.norm, m.activation) == ("adaptformer", True, "gelu")
     t, d = vtab.train, vtab.data
     assert (t.lr, t.weight_decay, t.batch_size, t.epochs, t.warmup_epochs, t.seed) == (5e-3, 0.01, 128, 100, 10, 3407)
-    assert (d.source, d.root, d.task, d.train_split, d.test_split) == ("vtab", "data/vtab-1k", "cifar", "trainval", "test")
+    assert (d.source, d.root, d.task, d.train_split, d.test_split) == (
+        "vtab",
+        "data/vtab-1k",
+        "cifar",
+        "trainval",
+        "test",
+    )
     assert (d.normalize, d.interpolation) == ("imagenet", "bilinear")
     fgvc = load_recipe(RECIPES / "mosa_fgvc.yaml")
     assert fgvc.method.bottleneck == 64 and fgvc.data.source == "folder"

@@ -60,7 +60,10 @@ def test_errors_are_collected_with_file_line_and_key(tmp_path):
     problems = e.value.problems
     assert len(problems) == 3
     path = str(tmp_path / "r.yaml")
-    assert f"{path}:7: data.source: expected one of 'builtin', 'vtab', 'folder', got 'bultin'; did you mean 'builtin'?" in problems
+    assert (
+        f"{path}:7: data.source: expected one of 'builtin', 'vtab', 'folder', got 'bultin'; did you mean 'builtin'?"
+        in problems
+    )
     assert f"{path}:10: train.epochs: expected a value >= 1, got -3" in problems
     assert any(p.startswith(f"{path}:11: train.lrr: unknown key; did you mean 'lr'") for p in problems)
 
@@ -68,8 +71,14 @@ def test_errors_are_collected_with_file_line_and_key(tmp_path):
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (GOOD.replace("img_size: 32", "img_size: big"), r"r\.yaml:3: backbone\.img_size: expected an integer or null, got str 'big'"),
-        (GOOD.replace("name: linear", "name: lorra"), r"r\.yaml:5: method\.name: unknown method 'lorra'; did you mean 'lora'"),
+        (
+            GOOD.replace("img_size: 32", "img_size: big"),
+            r"r\.yaml:3: backbone\.img_size: expected an integer or null, got str 'big'",
+        ),
+        (
+            GOOD.replace("name: linear", "name: lorra"),
+            r"r\.yaml:5: method\.name: unknown method 'lorra'; did you mean 'lora'",
+        ),
         (GOOD + "optimiser: {}\n", r"r\.yaml:12: optimiser: unknown section"),
         (GOOD.replace("method:\n  name: linear\n", ""), r"method: missing; add `method: \{name: adapter\}`"),
         ("backbone: [1, 2\n", r"r\.yaml:\d+: invalid YAML"),

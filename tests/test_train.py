@@ -47,7 +47,9 @@ def test_resume_equals_uninterrupted(tmp_path, method):
         if step == 6:  # mid-epoch 2 (4 steps per epoch)
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(Interrupted, match=r"interrupted at step 6; last checkpoint saved; continue with: adaptune train --resume"):
+    with pytest.raises(
+        Interrupted, match=r"interrupted at step 6; last checkpoint saved; continue with: adaptune train --resume"
+    ):
         train(recipe, out_dir=tmp_path / "resumed", on_step=interrupt)
     resumed = train(recipe, out_dir=tmp_path / "resumed", resume=True)
     a, b = final_weights(straight.run_dir), final_weights(resumed.run_dir)

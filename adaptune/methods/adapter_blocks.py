@@ -229,9 +229,7 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
     return chans, int(cfg_size[1]), int(cfg_size[2])
 
 
-def probe_shapes(
-    model: nn.Module, paths: Sequence[str]
-) -> dict[str, tuple[tuple[int, ...] | None, tuple[int, ...]]]:
+def probe_shapes(model: nn.Module, paths: Sequence[str]) -> dict[str, tuple[tuple[int, ...] | None, tuple[int, ...]]]:
     """(input shape, output shape) of each module in ``paths`` from one forward of a zero batch of 1.
 
     Runs under ``torch.no_grad`` in eval mode and restores every module's own mode afterwards (frozen BatchNorm may be

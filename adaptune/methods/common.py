@@ -28,9 +28,7 @@ def match_targets(model: nn.Module, globs: Sequence[str], kinds: tuple[type, ...
         if not hits:
             what = " or ".join(k.__name__ for k in kinds) if kinds else "module"
             closest = did_you_mean(pattern, names, n=3, cutoff=0.3) or f"; e.g. {', '.join(names[:3])}"
-            raise TargetError(
-                f"method.targets: {pattern!r} matched no {what} of {type(model).__name__}{closest}"
-            )
+            raise TargetError(f"method.targets: {pattern!r} matched no {what} of {type(model).__name__}{closest}")
         matched.extend(h for h in hits if h not in matched)
     order = {n: i for i, n in enumerate(names)}
     return sorted(matched, key=order.__getitem__)

@@ -315,4 +315,3 @@ register(
         identity_at_init=True,
     )
 )
-

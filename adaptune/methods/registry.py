@@ -61,9 +61,9 @@ class MethodSpec:
     inject: Callable[[nn.Module, Any], list[str]]
     consolidate: Callable[[nn.Module], None] | None = None
     fold: Callable[[nn.Module], None] | None = None
-    training_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, LossFn], tuple[torch.Tensor, torch.Tensor]] | None = (
-        None
-    )
+    training_loss: (
+        Callable[[nn.Module, torch.Tensor, torch.Tensor, LossFn], tuple[torch.Tensor, torch.Tensor]] | None
+    ) = None
     identity_at_init: bool = True
     merge_atol: float = 1e-5
     find_unused_parameters: bool = False
