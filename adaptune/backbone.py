@@ -169,7 +169,10 @@ def _rename_lite0(source_sd: dict[str, Any]) -> dict[str, Any]:
     """
     import timm
 
-    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    import torch
+
+    with torch.device("meta"):  # shapes only: no memory, and no draw from the global RNG (seeded runs stay exact)
+        target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
     if len(target) != len(source_sd):
         raise BackboneError(
             f"backbone.pretrained: package:efficientnet-lite0 has {len(source_sd)} tensors, timm expects "

