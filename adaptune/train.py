@@ -7,14 +7,16 @@ evaluation -> final test of the best and last weights -> summary. Methods plug i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -475,32 +477,25 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-@dataclass
 class _StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each optimizer step; a second signal stops at once."""
 
-    requested: bool = False
-    _old: dict[int, Any] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.requested = False
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested:
             raise KeyboardInterrupt
         self.requested = True
 
-    def installed(self):
-        import contextlib
-        import threading
-
-        @contextlib.contextmanager
-        def ctx():
-            main = threading.current_thread() is threading.main_thread()
-            if main:
-                for sig in (signal.SIGINT, signal.SIGTERM):
-                    self._old[sig] = signal.signal(sig, self._handle)
-            try:
-                yield self
-            finally:
-                for sig, old in self._old.items():
-                    signal.signal(sig, old)
-
-        return ctx()
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_StopFlag]:
+        if threading.current_thread() is not threading.main_thread():  # signals only reach the main thread
+            yield self
+            return
+        old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
