@@ -124,3 +124,26 @@ def test_readme_generated_sections_are_current():
     assert module.render(text) == text, "README is stale: run python scripts/update_readme.py"
     for name in list_methods():
         assert f"| `{name}` | {get_method(name).summary} |" in text
+
+
+def test_ctrl_c_exits_130_and_resume_finishes(tmp_path):
+    """A real SIGINT to a real `adaptune train` process: last checkpoint saved, exit 130, then --resume completes."""
+    import signal
+
+    path = recipe_file(tmp_path, train={"epochs": 40, "log_every": 1})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "adaptune", "train", str(path), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # wait until training is under way
+        if line.startswith("step 2/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "adaptune: error: interrupted at step" in err and f"adaptune train --resume {out}" in err
+    assert (out / "checkpoints" / "last" / "trainer_state.pt").is_file()
+    done = subprocess.run(
+        [*cmd[:3], "train", "--resume", str(out), "--json", "--quiet"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["steps"] == 40 * 3  # 12 images, batch 4
