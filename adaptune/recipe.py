@@ -102,7 +102,6 @@ class TrainConfig:
     grad_accum: int = opt(1, "gradient accumulation steps", ge=1)
     clip_grad: float | None = opt(None, "clip the gradient norm to this value", gt=0.0)
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing", ge=0.0, lt=1.0)
-    ema_decay: float | None = opt(None, "keep an EMA of the trainable weights with this decay", gt=0.0, lt=1.0)
     seed: int = opt(0, "seed for weights, data order and method randomness")
     eval_every: int = opt(1, "evaluate on validation every N epochs (and after the last)", ge=1)
     log_every: int = opt(10, "log a training line every N steps", ge=1)
