@@ -82,7 +82,10 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
     except Exception as e:
         if pretrained:
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}") from None
+            hint = ""
+            if cfg.pretrained is True and any(w in str(e).lower() for w in ("connection", "hub", "resolve", "offline")):
+                hint = "; without network access, set backbone.pretrained to a local .safetensors/.pth/.npz file"
+            raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}{hint}") from None
         raise
     # timm loads non-strictly whenever the class count changes, so weights of another model would load "fine"
     heads = model.pretrained_cfg.get("classifier") or ()
