@@ -171,7 +171,6 @@ def _rename_lite0(source_sd: dict[str, Any]) -> dict[str, Any]:
     same shape and same tensor kind (weight, bias, running stats). A mismatch means a different package version.
     """
     import timm
-
     import torch
 
     with torch.device("meta"):  # shapes only: no memory, and no draw from the global RNG (seeded runs stay exact)

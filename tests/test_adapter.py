@@ -101,8 +101,8 @@ def test_vit_formula(style):
     block = model.blocks[0]
     b = block.base
     x = torch.randn(2, 5, 64)
-    a = lambda t: b.ls1(b.attn(b.norm1(t)))  # noqa: E731
-    m = lambda t: b.ls2(b.mlp(b.norm2(t)))  # noqa: E731
+    a = lambda t: b.ls1(b.attn(b.norm1(t)))
+    m = lambda t: b.ls2(b.mlp(b.norm2(t)))
     with torch.no_grad():
         if style == "houlsby":
             y = a(x)

@@ -450,7 +450,7 @@ def test_config_validation():
 def test_symmetric_kl_and_deepreg_match_their_formulas():
     z1, z2 = torch.randn(4, 6), torch.randn(4, 6)
     p1, p2 = z1.softmax(-1), z2.softmax(-1)
-    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1).mean()  # KL(p || q), batch mean  # noqa: E731
+    kl = lambda p, q: (p * (p.log() - q.log())).sum(-1).mean()  # KL(p || q), batch mean
     torch.testing.assert_close(symmetric_kl(z1, z2), 0.5 * (kl(p2, p1) + kl(p1, p2)))
     z1.requires_grad_(True)
     symmetric_kl(z1, z2.detach()).backward()
