@@ -104,7 +104,7 @@ def train(
     Examples:
       adaptune train quickstart
       adaptune train recipes/mosa_vtab.yaml --set data.task=eurosat --set train.lr=1e-3
-      adaptune train recipes/lora_vtab.yaml --dry-run
+      adaptune train recipes/adapterplus_vtab.yaml --dry-run
       adaptune train --resume runs/quickstart-20261124-101500
       adaptune train recipes/mosa_vtab.yaml --nproc 4      (same as: torchrun --nproc_per_node 4 -m adaptune train ...)
     """
@@ -291,6 +291,37 @@ def export(
 
         report = export_fn(source, format_, out, checkpoint=checkpoint)
         print(json.dumps(report) if json_ else format_export_report(report))
+
+    _run(go, debug)
+
+
+@app.command()
+def sweep(
+    recipe: Annotated[str, typer.Argument(help="Recipe YAML file or shipped recipe name (data.source: vtab).")],
+    tasks: Annotated[str, typer.Option("--tasks", help="Task folders (cifar,eurosat) or a preset: vtab-1k, ...")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key for every task.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Sweep directory (default: runs/<recipe>-sweep).")] = None,
+    json_: Json = False,
+    quiet: Quiet = False,
+    debug: Debug = False,
+) -> None:
+    """Train a recipe on several tasks, one run each; re-run to resume; write results.json/.csv with both VTAB means.
+
+    Examples:
+      adaptune sweep recipes/adapterplus_vtab.yaml --tasks vtab-1k --set data.root=/data/vtab-1k
+      adaptune sweep recipes/mosa_vtab.yaml --tasks cifar,eurosat --out runs/mosa-two
+    """
+
+    def go() -> None:
+        from adaptune.sweep import format_table
+        from adaptune.sweep import sweep as sweep_fn
+
+        log, bars = _logger(quiet), not quiet and sys.stderr.isatty()
+        results = sweep_fn(resolve_recipe_path(recipe), [tasks], set_ or [], out, log=log, progress=bars)
+        if json_:
+            print(json.dumps(results))
+        elif not quiet:
+            print(format_table(results))
 
     _run(go, debug)
 
