@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,7 @@ from adaptune.errors import BackboneError
 if TYPE_CHECKING:
     from torch import nn
 
-    from adaptune.recipe import BackboneConfig, Recipe
+    from adaptune.recipe import BackboneConfig
 
 PACKAGE_WEIGHTS = {
     "efficientnet-lite0": "tf_efficientnet_lite0",
@@ -50,44 +51,61 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
         close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "; see timm.list_models()"
         raise BackboneError(f"backbone.model: {name!r} is not a timm model{hint}")
-
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
     kwargs["num_classes"] = num_classes
     if cfg.img_size is not None:
         kwargs["img_size"] = cfg.img_size
     if cfg.drop_path_rate:
         kwargs["drop_path_rate"] = cfg.drop_path_rate
+    file = _weights_file(cfg.pretrained, arch, cache_dir)
+    if file is not None:
+        kwargs["pretrained_cfg_overlay"] = dict(file=str(file))
+    model = _create(cfg, name, pretrained=file is not None or cfg.pretrained is True, kwargs=kwargs)
+    model.requires_grad_(False)
+    head = model.get_classifier()
+    if cfg.head_init == "zeros":
+        with torch.no_grad():
+            for p in head.parameters():
+                p.zero_()
+    head.requires_grad_(True)
+    return model
 
-    pretrained = cfg.pretrained
-    if isinstance(pretrained, str) and pretrained.startswith("package:"):
-        file = _package_weights(pretrained, arch, cache_dir)
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(file))
-        pretrained = True
-    elif isinstance(pretrained, str):
-        file = Path(pretrained).expanduser()
-        if not file.is_file():
-            raise BackboneError(f"backbone.pretrained: weights file {str(file)!r} does not exist")
-        if file.suffix not in WEIGHT_SUFFIXES:
-            raise BackboneError(
-                f"backbone.pretrained: {str(file)!r} is not a weights file ({', '.join(WEIGHT_SUFFIXES)})"
-            )
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(file))
-        pretrained = True
+
+def _weights_file(pretrained: bool | str, arch: str, cache_dir: str | Path | None) -> Path | None:
+    """The local weights file of ``backbone.pretrained`` (a path or ``package:``); None for the hub or random init."""
+    if not isinstance(pretrained, str):
+        return None
+    if pretrained.startswith("package:"):
+        return _package_weights(pretrained, arch, cache_dir)
+    file = Path(pretrained).expanduser()
+    if not file.is_file():
+        raise BackboneError(f"backbone.pretrained: weights file {str(file)!r} does not exist")
+    if file.suffix not in WEIGHT_SUFFIXES:
+        raise BackboneError(f"backbone.pretrained: {str(file)!r} is not a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    return file
+
+
+def _create(cfg: BackboneConfig, name: str, pretrained: bool, kwargs: dict[str, Any]) -> nn.Module:
+    """``timm.create_model`` with one-line errors, refusing weights that do not fit the architecture.
+
+    timm loads non-strictly whenever the class count changes, so weights of another model would load "fine" with only
+    a log line; the missing keys it logs are collected and anything but the head missing is an error.
+    """
+    import timm
 
     try:
         with _MissingKeys() as missing:
-            model = timm.create_model(name, pretrained=bool(pretrained), **kwargs)
+            model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except TypeError as e:
         raise BackboneError(f"backbone: timm.create_model({name!r}) rejected an option: {e}") from None
     except Exception as e:
-        if pretrained:
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            hint = ""
-            if cfg.pretrained is True and any(w in str(e).lower() for w in ("connection", "hub", "resolve", "offline")):
-                hint = "; without network access, set backbone.pretrained to a local .safetensors/.pth/.npz file"
-            raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}{hint}") from None
-        raise
-    # timm loads non-strictly whenever the class count changes, so weights of another model would load "fine"
+        if not pretrained:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        hint = ""
+        if cfg.pretrained is True and any(w in str(e).lower() for w in ("connection", "hub", "resolve", "offline")):
+            hint = "; without network access, set backbone.pretrained to a local .safetensors/.pth/.npz file"
+        raise BackboneError(f"backbone.pretrained: cannot load weights for {name!r}: {first}{hint}") from None
     heads = model.pretrained_cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
     lost = [k for k in missing.keys if not any(k.startswith(h + ".") for h in heads)]
@@ -96,13 +114,6 @@ def create_backbone(cfg: BackboneConfig, num_classes: int, cache_dir: str | Path
             f"backbone.pretrained: the weights do not fit {name!r}: {len(lost)} tensors missing (e.g. "
             f"{', '.join(lost[:3])}); use weights saved from this architecture"
         )
-    model.requires_grad_(False)
-    head = model.get_classifier()
-    if cfg.head_init == "zeros":
-        with torch.no_grad():
-            for p in head.parameters():
-                p.zero_()
-    head.requires_grad_(True)
     return model
 
 
@@ -157,7 +168,7 @@ def _package_weights(source: str, arch: str, cache_dir: str | Path | None) -> Pa
         root.mkdir(parents=True, exist_ok=True)
         import torch
 
-        from adaptune.artifacts import save_safetensors
+        from adaptune.files import save_safetensors
 
         source_sd = torch.load(src, map_location="cpu", weights_only=True)
         save_safetensors(_rename_lite0(source_sd), out)
@@ -191,14 +202,53 @@ def _rename_lite0(source_sd: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def input_spec(model: nn.Module, recipe: Recipe) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-    """(square input size, mean, std) the data must match: ``data.img_size``, else ``backbone.img_size``, else the
-    model's own pretrained config (timm's ``resolve_data_config``)."""
+@dataclass(frozen=True)
+class ModelInput:
+    """What a timm model takes, read off the model itself.
+
+    Attributes:
+        channels: Input channels (the first conv's ``in_channels``).
+        size: ``(H, W)``: the patch embedding's size (ViT, Swin; ``img_size=`` changes it, not ``pretrained_cfg``),
+            else ``pretrained_cfg["input_size"]``.
+        fixed: The model accepts only ``size`` (a patch embedding with ``strict_img_size`` and no dynamic size).
+        patch: The patch size of a patch embedding, else None.
+        mean: The weights' normalisation mean (timm's ``resolve_data_config``).
+        std: The weights' normalisation std.
+    """
+
+    channels: int
+    size: tuple[int, int]
+    fixed: bool
+    patch: tuple[int, int] | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def model_input(model: nn.Module) -> ModelInput:
+    """The `ModelInput` of a timm model (wrapped or not: adaptune's wrappers keep the patch embedding in place)."""
     import timm.data
+    from torch import nn
 
     cfg = timm.data.resolve_data_config({}, model=model)
-    size = recipe.data.img_size or recipe.backbone.img_size or int(cfg["input_size"][-1])
-    return size, tuple(cfg["mean"]), tuple(cfg["std"])
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = first_conv.in_channels if first_conv is not None else int(cfg["input_size"][0])
+    size: tuple[int, int] = (int(cfg["input_size"][1]), int(cfg["input_size"][2]))
+    embed = getattr(model, "patch_embed", None)
+    fixed, patch = False, None
+    if embed is not None and getattr(embed, "img_size", None) is not None:
+        img_size = embed.img_size
+        size = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        fixed = bool(getattr(embed, "strict_img_size", False)) and not getattr(embed, "dynamic_img_size", False)
+        p = getattr(embed, "patch_size", None)
+        patch = None if p is None else ((p, p) if isinstance(p, int) else (int(p[0]), int(p[1])))
+    return ModelInput(channels, size, fixed, patch, tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def head_path(model: nn.Module) -> str:
+    """Module path of the classifier head (``model.get_classifier()``); empty if there is none."""
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    return next((name for name, m in model.named_modules() if m is head and name), "")
 
 
 def parameter_line(trainable: int, total: int) -> str:

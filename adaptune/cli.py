@@ -103,7 +103,7 @@ def train(
 
     Examples:
       adaptune train quickstart
-      adaptune train recipes/mosa_vtab.yaml --set data.task=eurosat --set train.lr=1e-3
+      adaptune train recipes/mosa_vtab.yaml --set data.vtab.task=eurosat --set train.lr=1e-3
       adaptune train recipes/adapterplus_vtab.yaml --dry-run
       adaptune train --resume runs/quickstart-20261124-101500
       adaptune train recipes/mosa_vtab.yaml --nproc 4      (same as: torchrun --nproc_per_node 4 -m adaptune train ...)
@@ -163,17 +163,18 @@ def _launch_torchrun(nproc: int) -> int:
 
 def _dry_run(r: Any, as_json: bool) -> None:
     from adaptune.backbone import parameter_line
-    from adaptune.train import build
+    from adaptune.loading import build
 
     b = build(r)
     plan = "fold into the backbone (plain timm weights)" if b.spec.foldable else "merged model (adapters kept)"
     report = {
         "recipe": r.to_dict(),
         "matched_modules": b.touched,
+        "trainable_backbone_params": b.backbone_params,
         "trainable_params": b.trainable,
         "total_params": b.total,
         "num_classes": b.info.num_classes,
-        "input_size": b.input_size,
+        "input": b.input.to_dict(),
         "merge_plan": plan,
     }
     if as_json:
@@ -183,8 +184,14 @@ def _dry_run(r: Any, as_json: bool) -> None:
     print(f"# matched modules ({len(b.touched)}):")
     for name in b.touched:
         print(f"#   {name or '<whole model>'}")
+    if b.backbone_params:
+        print(
+            f"# trainable backbone parameters ({len(b.backbone_params)}): {', '.join(b.backbone_params[:6])}"
+            + (", ..." if len(b.backbone_params) > 6 else "")
+        )
     print(f"# {parameter_line(b.trainable, b.total)}")
-    print(f"# classes: {b.info.num_classes}, input size: {b.input_size}, merge plan: {plan}")
+    shape = "x".join(map(str, b.input.shape))
+    print(f"# classes: {b.info.num_classes}, input: {shape}, merge plan: {plan}")
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -212,10 +219,18 @@ def eval_(
         str, typer.Option("--checkpoint", help="Run directory only: best (default), last, or final.")
     ] = "best",
     data_root: Annotated[
-        str | None, typer.Option("--data-root", "--data", help="Use this data root instead of the recipe's data.root.")
+        str | None,
+        typer.Option(
+            "--data-root",
+            "--data",
+            help="Use this data root instead of the data source's root (data.vtab.root, data.folder.root).",
+        ),
     ] = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Directory for the CSV/JSON/PNG files (default: beside the artifact).")
+    ] = None,
+    img_size: Annotated[
+        int | None, typer.Option("--img-size", min=8, help="Evaluate at this input size instead of the trained one.")
     ] = None,
     json_: Json = False,
     debug: Debug = False,
@@ -231,7 +246,9 @@ def eval_(
     def go() -> None:
         from adaptune.evaluate import evaluate_artifact, print_report
 
-        result = evaluate_artifact(path, split=split, checkpoint=checkpoint, data_root=data_root, out=out)
+        result = evaluate_artifact(
+            path, split=split, checkpoint=checkpoint, data_root=data_root, out=out, img_size=img_size
+        )
         if json_:
             print(json.dumps(result))
         else:
@@ -247,6 +264,7 @@ def merge(
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best (default), last, or final.")] = "best",
     no_fold: Annotated[bool, typer.Option("--no-fold", help="Keep linear adapters as modules (form merged).")] = False,
     dtype: Annotated[str, typer.Option("--dtype", help="Dtype of the written weights: fp32, bf16 or fp16.")] = "fp32",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
     json_: Json = False,
     debug: Debug = False,
 ) -> None:
@@ -261,7 +279,7 @@ def merge(
         from adaptune.merge import format_merge_report
         from adaptune.merge import merge as merge_fn
 
-        report = merge_fn(run_dir, out, checkpoint=checkpoint, fold=not no_fold, dtype=dtype)
+        report = merge_fn(run_dir, out, checkpoint=checkpoint, fold=not no_fold, dtype=dtype, overwrite=overwrite)
         print(json.dumps(report) if json_ else format_merge_report(report))
 
     _run(go, debug)
@@ -275,6 +293,7 @@ def export(
     ],
     out: Annotated[Path, typer.Option("--out", help="File (onnx, exported-program) or new directory (timm, peft).")],
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="Run directory only: best, last, final.")] = "best",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
     json_: Json = False,
     debug: Debug = False,
 ) -> None:
@@ -289,7 +308,7 @@ def export(
         from adaptune.export import export as export_fn
         from adaptune.export import format_export_report
 
-        report = export_fn(source, format_, out, checkpoint=checkpoint)
+        report = export_fn(source, format_, out, checkpoint=checkpoint, overwrite=overwrite)
         print(json.dumps(report) if json_ else format_export_report(report))
 
     _run(go, debug)
@@ -308,7 +327,7 @@ def sweep(
     """Train a recipe on several tasks, one run each; re-run to resume; write results.json/.csv with both VTAB means.
 
     Examples:
-      adaptune sweep recipes/adapterplus_vtab.yaml --tasks vtab-1k --set data.root=/data/vtab-1k
+      adaptune sweep recipes/adapterplus_vtab.yaml --tasks vtab-1k --set data.vtab.root=/data/vtab-1k
       adaptune sweep recipes/mosa_vtab.yaml --tasks cifar,eurosat --out runs/mosa-two
     """
 
@@ -331,7 +350,7 @@ def methods(json_: Json = False, debug: Debug = False) -> None:
     """List the registered adapter methods."""
 
     def go() -> None:
-        from adaptune.methods.registry import get_method, list_methods
+        from adaptune.methods import get_method, list_methods
 
         specs = [get_method(n) for n in list_methods()]
         if json_:

@@ -1,7 +1,7 @@
 """One evaluation function for training and ``adaptune eval``, and the eval report (tables, CSV, PNG).
 
 `evaluate` runs a model over a loader; `evaluate_artifact` rebuilds any artifact (run directory, merged file,
-exported timm directory; see `merge.load_artifact`), evaluates it on a split of its recipe's data and writes
+exported timm directory; see `loading.load_artifact`), evaluates it on a split of its recipe's data and writes
 ``metrics.csv``, ``per_class.csv``, ``confusion.csv``, ``results.json`` and, with the ``[plot]`` extra,
 ``confusion.png``.
 """
@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.data import DataLoader
 
+    from adaptune.batch import Batch
+    from adaptune.methods.registry import MethodSpec
+    from adaptune.recipe import Recipe
+
 MAX_TABLE_ROWS = 40  # per-class rows shown on the terminal; the CSV has all
 MAX_TERMINAL_CONFUSION = 12  # classes up to which the confusion matrix is also printed
 
@@ -36,6 +40,14 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def model_forward(spec: MethodSpec | None, cfg: Any) -> Callable[[nn.Module, Batch], torch.Tensor]:
+    """``forward(model, batch) -> logits``: the method's own forward (task ids), else ``model(batch.inputs)``."""
+    if spec is None or spec.forward is None:
+        return lambda model, batch: model(batch.inputs)
+    method_forward = spec.forward
+    return lambda model, batch: method_forward(model, cfg, batch)
+
+
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -44,55 +56,43 @@ def evaluate(
     precision: str = "fp32",
     confusion: bool = True,
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    method: MethodSpec | None = None,
+    method_cfg: Any = None,
 ) -> dict[str, Any]:
     """Loss, top-1, top-5 (in %), per-class and macro accuracy, confusion matrix, throughput.
 
     The model is put in eval mode for the pass (consolidated adapters: MoSA evaluates its merged expert) and its mode
     is restored afterwards. Under DDP each process sees a shard of the split; ``reduce`` (a sum over processes) turns
-    the shards' counts into the metrics of the whole split.
+    the shards' counts into the metrics of the whole split. With ``method``, its ``forward`` computes the logits and
+    its ``diagnostics`` (this process's shard) go into ``result["diagnostics"]``.
 
     Returns:
         ``{"loss", "top1", "top5", "macro_top1", "per_class_top1" (list), "per_class_support" (list), "confusion"
         (list of lists, rows = true class), "samples", "images_per_s" (model forward only, after a first warm-up
-        batch), "eval_seconds" (the whole pass, data included), "peak_memory_mb" (CUDA; None on the CPU)}``
+        batch), "eval_seconds" (the whole pass, data included), "peak_memory_mb" (CUDA; None on the CPU)}``, plus
+        ``"diagnostics"`` when the method reports any.
     """
     import torch
-    import torch.nn.functional as F
 
+    forward = model_forward(method, method_cfg)
+    watch = method.diagnostics(model, method_cfg) if method is not None and method.diagnostics else nullcontext({})
     was_training = model.training
     model.eval()
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    loss_sum, top5_hits, seen = 0.0, 0, 0
-    k = min(5, num_classes)
+    sums = {"loss": 0.0, "top5": 0, "seen": 0, "forward_s": 0.0, "timed": 0}
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    start, forward_s, timed = time.perf_counter(), 0.0, 0
-    with torch.inference_mode():
-        for images, labels in loader:
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            if cuda:
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            with autocast(device, precision):
-                logits = model(images)
-            logits = logits.float()
-            if cuda:
-                torch.cuda.synchronize(device)
-            if seen or len(loader) == 1:  # the first of several batches is warm-up (allocator, kernel selection)
-                forward_s += time.perf_counter() - t0
-                timed += labels.numel()
-            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-            topk = logits.topk(k, dim=1).indices  # (B, k)
-            top5_hits += (topk == labels[:, None]).any(dim=1).sum().item()
-            pred = topk[:, 0]
-            matrix += torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes * num_classes).view(
-                num_classes, num_classes
+    start = time.perf_counter()
+    with torch.inference_mode(), watch as diagnostics:
+        for batch in loader:
+            _eval_batch(
+                model, forward, batch.to(device, non_blocking=True), device, precision, matrix, sums, len(loader)
             )
-            seen += labels.numel()
     elapsed = time.perf_counter() - start
     model.train(was_training)
+    loss_sum, top5_hits, seen = sums["loss"], sums["top5"], sums["seen"]
     if reduce is not None:
         totals = reduce(torch.tensor([loss_sum, top5_hits, seen], dtype=torch.float64, device=device)).tolist()
         loss_sum, top5_hits, seen = totals[0], int(totals[1]), int(totals[2])
@@ -111,13 +111,51 @@ def evaluate(
         "per_class_top1": [None if torch.isnan(v) else 100.0 * v.item() for v in per_class],
         "per_class_support": per_class_total.tolist(),
         "samples": seen,
-        "images_per_s": timed / forward_s if forward_s > 0 else float("inf"),
+        "images_per_s": sums["timed"] / sums["forward_s"] if sums["forward_s"] > 0 else None,
         "eval_seconds": elapsed,
         "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
     }
     if confusion:
         result["confusion"] = matrix.tolist()
+    if diagnostics:
+        result["diagnostics"] = diagnostics
     return result
+
+
+def _eval_batch(
+    model: nn.Module,
+    forward: Callable[[nn.Module, Batch], torch.Tensor],
+    batch: Batch,
+    device: torch.device,
+    precision: str,
+    matrix: torch.Tensor,
+    sums: dict[str, Any],
+    num_batches: int,
+) -> None:
+    """One evaluation batch: forward (timed after the first of several batches), loss, top-k and confusion counts."""
+    import torch
+    import torch.nn.functional as F
+
+    num_classes = matrix.shape[0]
+    labels = batch.labels
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    with autocast(device, precision):
+        logits = forward(model, batch).float()
+    if cuda:
+        torch.cuda.synchronize(device)
+    if sums["seen"] or num_batches == 1:  # the first of several batches is warm-up (allocator, kernel selection)
+        sums["forward_s"] += time.perf_counter() - t0
+        sums["timed"] += labels.numel()
+    sums["loss"] += F.cross_entropy(logits, labels, reduction="sum").item()
+    topk = logits.topk(min(5, num_classes), dim=1).indices  # (B, k)
+    sums["top5"] += (topk == labels[:, None]).any(dim=1).sum().item()
+    pred = topk[:, 0]
+    counts = torch.bincount((labels * num_classes + pred).cpu(), minlength=num_classes * num_classes)
+    matrix += counts.view(num_classes, num_classes)
+    sums["seen"] += labels.numel()
 
 
 def evaluate_artifact(
@@ -129,18 +167,20 @@ def evaluate_artifact(
     device: str = "auto",
     batch_size: int | None = None,
     write: bool = True,
+    img_size: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a run directory, merged file or exported timm directory on a split of its recipe's data.
 
     Args:
-        path: The artifact (see `merge.load_artifact`).
+        path: The artifact (see `loading.load_artifact`).
         split: Split name as in the recipe (``train``, ``val``, ``test``, a VTAB list name).
         checkpoint: For a run directory: ``best``, ``last`` or ``final``.
-        data_root: Replaces the recipe's ``data.root`` (data moved to another machine).
+        data_root: Replaces the data source's ``root`` (data moved to another machine).
         out: Directory for the CSV/JSON/PNG files; default `default_eval_dir`.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: Images per batch; default the recipe's evaluation batch size.
         write: Write the files (False: only return the numbers).
+        img_size: Evaluate at this input size instead of the trained one (models that accept other sizes).
 
     Returns:
         `evaluate`'s numbers plus ``path``, ``form``, ``method``, ``backbone``, ``checkpoint``, ``split``,
@@ -153,39 +193,65 @@ def evaluate_artifact(
     import torch
 
     from adaptune import data
-    from adaptune.backbone import input_spec
-    from adaptune.merge import check_out_path, load_artifact
+    from adaptune.errors import ArtifactError
+    from adaptune.loading import load_artifact
+    from adaptune.methods import get_method
 
-    out_dir = check_out_path(out) if out is not None else default_eval_dir(Path(path), split, checkpoint)
-    model, manifest, recipe = load_artifact(path, checkpoint)
-    if data_root is not None:
-        recipe = recipe.replace(data=replace(recipe.data, root=data_root))
+    if out is not None and not Path(out).parent.is_dir():
+        raise ArtifactError(f"--out: directory {str(Path(out).parent)!r} does not exist; create it first")
+    out_dir = Path(out) if out is not None else default_eval_dir(Path(path), split, checkpoint)
+    art = load_artifact(path, checkpoint)
+    recipe = _with_data_root(art.recipe, data_root)
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    size, mean, std = input_spec(model, recipe)
+    spec = art.input
+    if img_size is not None:
+        spec = replace(spec, shape=(spec.channels, img_size, img_size))
     loader = data.build_eval_loader(
         recipe.data,
         split,
-        img_size=size,
-        mean=mean,
-        std=std,  # type: ignore[arg-type]  # (r, g, b) from timm
+        spec=spec,
         batch_size=batch_size or recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
     )
-    result = evaluate(model.to(dev), loader, dev, manifest["num_classes"], recipe.train.precision)
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    method = get_method(recipe.method_name) if art.manifest["form"] != "folded" else None
+    num_classes = art.manifest["num_classes"]
+    result = evaluate(
+        art.model.to(dev), loader, dev, num_classes, recipe.train.precision, method=method, method_cfg=recipe.method
+    )
+    weights = sum(t.numel() * t.element_size() for t in art.model.state_dict().values())
     result.update(
         path=str(path),
-        form=manifest["form"],
+        form=art.manifest["form"],
         method=recipe.method_name,
         backbone=recipe.backbone.model,
-        checkpoint=checkpoint if manifest["form"] == "run" else None,
+        checkpoint=checkpoint if art.manifest["form"] == "run" else None,
         split=split,
+        img_size=list(spec.size),
         device=str(dev),
-        class_names=list(manifest.get("class_names") or [str(i) for i in range(manifest["num_classes"])]),
+        class_names=list(art.manifest.get("class_names") or [str(i) for i in range(num_classes)]),
         weights_mb=weights / 2**20,
         peak_rss_mb=None if dev.type == "cuda" else _peak_rss_mb(),
     )
     result["files"] = write_eval_files(result, out_dir) if write else {}
     return result
+
+
+def _with_data_root(recipe: Recipe, data_root: str | None) -> Recipe:
+    """``recipe`` with its data source's ``root`` replaced.
+
+    Raises:
+        DataError: The recipe's data source has no ``root`` (built-in data): ``--data-root`` would be ignored.
+    """
+    if data_root is None:
+        return recipe
+    from adaptune.errors import DataError
+
+    options = recipe.data.options
+    if options is None or not hasattr(options, "root"):
+        raise DataError(
+            f"--data-root: the run's data source {recipe.data.source!r} reads no files from a root; leave --data-root "
+            "out"
+        )
+    return recipe.replace(data=replace(recipe.data, options=replace(options, root=data_root)))
 
 
 def default_eval_dir(path: Path, split: str, checkpoint: str) -> Path:

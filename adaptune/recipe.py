@@ -5,31 +5,29 @@ keys, wrong types and out-of-range values are all collected and raised together 
 ``recipes/x.yaml:12: method.rank: expected an integer >= 1, got -4``. ``--set key=value`` overrides go through the
 same validator. Method options are validated against the method's own config dataclass from the registry.
 
-Field documentation lives in ``metadata["help"]``; range checks in ``metadata["ge"|"gt"|"le"|"lt"]``.
+Field documentation lives in ``metadata["help"]``; range checks in ``metadata["ge"|"gt"|"le"|"lt"]``
+(`adaptune.config`).
+The ``data`` section holds the chosen data source's options in a sub-section named after it (``data.vtab.root``),
+validated against that source's own config dataclass from the data-source registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
-from adaptune.errors import RecipeError, UnknownMethodError, did_you_mean
+from adaptune.config import internal, is_internal, opt, plain
+from adaptune.errors import AdaptuneError, RecipeError, did_you_mean
 
 SECTIONS = ("backbone", "method", "data", "train", "output")
-
-
-def opt(default: Any = dataclasses.MISSING, help: str = "", factory: Any = None, **checks: float) -> Any:
-    """A dataclass field with a help string and optional range checks (ge, gt, le, lt)."""
-    meta = {"help": help, **checks}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+Size = int | tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,11 @@ class BackboneConfig:
         "true: weights from the Hugging Face hub; false: random init; a path to .safetensors/.pth/.npz; or "
         "`package:efficientnet-lite0` (offline ImageNet weights from the `[demo]` extra)",
     )
-    img_size: int | None = opt(None, "input size for models that take one (ViT, Swin); default: the model's", ge=1)
+    img_size: Size | None = opt(
+        None,
+        "input size for models that take one (ViT, Swin): one side, or [height, width]; default: the model's",
+        ge=1,
+    )
     drop_path_rate: float = opt(0.0, "stochastic depth of the frozen backbone", ge=0.0, lt=1.0)
     train_mode: bool = opt(
         True, "keep the frozen backbone in train mode (dropout, drop-path); frozen BatchNorm always stays in eval"
@@ -54,25 +56,14 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class SyntheticConfig:
-    num_classes: int = opt(4, "number of classes", ge=2)
-    train_per_class: int = opt(16, "training images per class", ge=1)
-    val_per_class: int = opt(4, "validation images per class", ge=1)
-    test_per_class: int = opt(8, "test images per class", ge=1)
-    image_size: int = opt(32, "side of the generated square images", ge=8)
-    seed: int = opt(0, "generator seed")
-
-
-@dataclass(frozen=True)
 class DataConfig:
-    source: Literal["builtin", "vtab", "folder"] = opt("builtin", "where the images come from")
-    name: str = opt("fashion-mnist-1k", "built-in dataset: `fashion-mnist-1k` or `synthetic`")
-    root: str | None = opt(None, "data root for `vtab` and `folder`")
-    task: str | None = opt(None, "VTAB-1k task folder under `root` (e.g. `cifar`, `eurosat`)")
+    source: str = opt("builtin", "where the images come from: a registered data source (`adaptune sources`)")
     train_split: str = opt("train", "split to train on (`vtab`: train800 or train800val200)")
     val_split: str | None = opt("val", "split for model selection (`vtab`: val200); null to skip")
     test_split: str | None = opt("test", "split reported at the end; null to skip")
-    img_size: int | None = opt(None, "resize images to this square size; default: the backbone's input size", ge=8)
+    img_size: Size | None = opt(
+        None, "resize images to this size: one side, or [height, width]; default: the backbone's input size", ge=8
+    )
     interpolation: Literal["bilinear", "bicubic", "nearest"] = opt("bicubic", "resize interpolation")
     normalize: Literal["model", "imagenet", "inception", "none"] = opt(
         "model", "mean/std: the backbone's own (`model`), ImageNet, 0.5/0.5 (`inception`) or none"
@@ -80,7 +71,7 @@ class DataConfig:
     hflip: bool = opt(False, "random horizontal flips while training")
     cache: bool = opt(True, "keep decoded, resized images in memory (uint8)")
     workers: int = opt(0, "DataLoader worker processes", ge=0)
-    synthetic: SyntheticConfig = opt(factory=SyntheticConfig, help="options of the `synthetic` built-in dataset")
+    options: Any = internal()  # the chosen source's options: the recipe's `data.<source>` section
 
 
 @dataclass(frozen=True)
@@ -132,11 +123,11 @@ class Recipe:
         """The resolved recipe as plain data; `load_recipe` of its YAML gives the same recipe back."""
         return {
             "name": self.name,
-            "backbone": _plain(self.backbone),
-            "method": {"name": self.method_name, **_plain(self.method)},
-            "data": _plain(self.data),
-            "train": _plain(self.train),
-            "output": _plain(self.output),
+            "backbone": plain(self.backbone),
+            "method": {"name": self.method_name, **plain(self.method)},
+            "data": {**plain(self.data), self.data.source: plain(self.data.options)},
+            "train": plain(self.train),
+            "output": plain(self.output),
         }
 
     def to_yaml(self) -> str:
@@ -146,14 +137,7 @@ class Recipe:
         return dataclasses.replace(self, **sections)
 
 
-def _plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    return obj
+_plain = plain  # the name other modules used before `adaptune.config`
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -207,9 +191,13 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RecipeError([f"{source}: no such recipe file; `adaptune recipes` lists the shipped ones"]) from None
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"{source}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{source}: is a directory; give a recipe .yaml file"]) from None
     except OSError as e:
         raise RecipeError([f"{source}: cannot read the recipe ({e.strerror})"]) from None
     try:
@@ -245,31 +233,10 @@ def recipe_from_dict(
             errors.append(f"{where(key)}: {key}: unknown section{did_you_mean(key, SECTIONS)}")
 
     sections: dict[str, Any] = {}
-    for key, cls in (
-        ("backbone", BackboneConfig),
-        ("data", DataConfig),
-        ("train", TrainConfig),
-        ("output", OutputConfig),
-    ):
+    for key, cls in (("backbone", BackboneConfig), ("train", TrainConfig), ("output", OutputConfig)):
         sections[key] = _build(cls, raw.get(key) or {}, key, where, errors)
-
-    method_raw = raw.get("method")
-    method_name, method_cfg = "linear", None
-    if method_raw is None:
-        errors.append(f"{where('method')}: method: missing; add `method: {{name: adapter}}` (see `adaptune methods`)")
-    elif not isinstance(method_raw, dict) or "name" not in method_raw:
-        errors.append(f"{where('method')}: method.name: missing; add `name: <method>` (see `adaptune methods`)")
-    else:
-        from adaptune.methods.registry import get_method
-
-        method_raw = dict(method_raw)
-        method_name = method_raw.pop("name")
-        try:
-            spec = get_method(str(method_name))
-        except UnknownMethodError as e:
-            errors.append(f"{where('method.name')}: method.name: {e}")
-        else:
-            method_cfg = _build(spec.config_cls, method_raw, "method", where, errors)
+    sections["data"] = _build_data(raw.get("data") or {}, where, errors)
+    method_name, method_cfg = _build_method(raw.get("method"), where, errors)
 
     name = raw.get("name", "run")
     if not isinstance(name, str) or not name:
@@ -286,6 +253,69 @@ def recipe_from_dict(
         name=str(name),
         source=where.source,
     )
+
+
+def _build_method(method_raw: Any, where: _Where, errors: list[str]) -> tuple[str, Any]:
+    """(method name, its validated config) from the ``method`` section; problems go to ``errors``."""
+    from adaptune.methods import get_method, owners_of
+
+    if method_raw is None:
+        errors.append(f"{where('method')}: method: missing; add `method: {{name: adapter}}` (see `adaptune methods`)")
+        return "linear", None
+    if not isinstance(method_raw, dict) or "name" not in method_raw:
+        errors.append(f"{where('method')}: method.name: missing; add `name: <method>` (see `adaptune methods`)")
+        return "linear", None
+    options = dict(method_raw)
+    name = str(options.pop("name"))
+    try:
+        spec = get_method(name)
+    except AdaptuneError as e:
+        errors.append(f"{where('method.name')}: method.name: {e}")
+        return name, None
+
+    def whose(key: str) -> str:
+        owners = owners_of(key)
+        return f"; it is an option of {', '.join(owners)}, not of {name}" if owners else ""
+
+    return name, _build(spec.config_cls, options, "method", where, errors, whose)
+
+
+def _build_data(data_raw: Any, where: _Where, errors: list[str]) -> DataConfig | None:
+    """The ``data`` section: common keys against `DataConfig`, ``data.<source>`` against that source's options."""
+    from adaptune.data.sources import get_source, list_sources, option_owners
+
+    if not isinstance(data_raw, dict):
+        errors.append(f"{where('data')}: data: expected a mapping, got {_show(data_raw)}")
+        return None
+    data_raw = dict(data_raw)
+    source = data_raw.get("source", DataConfig.source)
+    sections = {name: data_raw.pop(name) for name in list_sources() if name in data_raw}
+    sections = {name: value for name, value in sections.items() if value is not None}  # `--set data.vtab=null`
+    spec = None
+    try:
+        spec = get_source(str(source))
+    except AdaptuneError as e:
+        errors.append(f"{where('data.source')}: {e}")
+    for name in sections:
+        if name != source:
+            errors.append(
+                f"{where(f'data.{name}')}: data.{name}: options of data source {name!r}, but data.source is "
+                f"{source!r}; set data.source: {name}, or remove data.{name}"
+            )
+
+    def whose(key: str) -> str:
+        owners = option_owners(key)
+        if not owners:
+            return ""
+        if source in owners:
+            return f"; it is an option of the data source: write it as data.{source}.{key}"
+        return f"; it is an option of data source {' and '.join(owners)} (data.<source>.{key}), not of {source}"
+
+    common = _build(DataConfig, data_raw, "data", where, errors, whose)
+    if spec is None or common is None:
+        return None
+    options = _build(spec.config_cls, sections.get(spec.name) or {}, f"data.{spec.name}", where, errors)
+    return None if options is None else dataclasses.replace(common, options=options)
 
 
 def _deepcopy(x: Any) -> Any:
@@ -323,19 +353,23 @@ def _apply_override(raw: dict[str, Any], item: str, where: _Where, errors: list[
     where.overrides.add(key)
 
 
-def _build(cls: type, data: Any, prefix: str, where: _Where, errors: list[str]) -> Any:
-    """Validate ``data`` against dataclass ``cls``; append problems to ``errors``; return an instance or None."""
+def _build(cls: type, data: Any, prefix: str, where: _Where, errors: list[str], whose: Any = None) -> Any:
+    """Validate ``data`` against dataclass ``cls``; append problems to ``errors``; return an instance or None.
+
+    ``whose(key)`` adds a hint to an unknown key's message (whose option it is, where it belongs).
+    """
     if not isinstance(data, dict):
         errors.append(f"{where(prefix)}: {prefix}: expected a mapping, got {_show(data)}")
         return None
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not is_internal(f)}
     values: dict[str, Any] = {}
     ok = True
     for key, value in data.items():
         dotted = f"{prefix}.{key}"
         if key not in fields:
-            errors.append(f"{where(dotted)}: {dotted}: unknown key{did_you_mean(str(key), fields)}")
+            hint = (whose(str(key)) if whose else "") or did_you_mean(str(key), fields)
+            errors.append(f"{where(dotted)}: {dotted}: unknown key{hint}")
             ok = False
             continue
         f = fields[key]
@@ -357,6 +391,8 @@ def _build(cls: type, data: Any, prefix: str, where: _Where, errors: list[str]) 
 
 
 def _check_range(f: dataclasses.Field, value: Any) -> str | None:
+    if isinstance(value, tuple):  # [height, width] and other fixed-size tuples: each item
+        return next((p for p in (_check_range(f, v) for v in value) if p), None)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     m = f.metadata
@@ -381,7 +417,10 @@ def _describe(tp: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join("null" if a is type(None) else _describe(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
-        return f"a list of {_describe(typing.get_args(tp)[0])}"
+        args = typing.get_args(tp)
+        if len(args) > 1 and Ellipsis not in args:
+            return f"[{', '.join(_describe(a) for a in args)}]"
+        return f"a list of {_describe(args[0])}"
     if origin is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
@@ -396,15 +435,7 @@ def _convert(tp: Any, value: Any, dotted: str, where: _Where, errors: list[str])
     if tp is Any:
         return value, None
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            return (None, None) if type(None) in args else bad
-        # bool first: YAML `true` must not become the string "True"
-        for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
-            converted, problem = _convert(arg, value, dotted, where, [])
-            if problem is None:
-                return converted, None
-        return bad
+        return _convert_union(tp, value, dotted, where, bad)
     if origin is Literal:
         choices = typing.get_args(tp)
         if value in choices:
@@ -412,18 +443,7 @@ def _convert(tp: Any, value: Any, dotted: str, where: _Where, errors: list[str])
         hint = did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
         return None, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}"
     if origin in (list, tuple):
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            return bad
-        (item_tp, *_) = typing.get_args(tp)
-        out = []
-        for i, item in enumerate(value):
-            converted, problem = _convert(item_tp, item, f"{dotted}[{i}]", where, errors)
-            if problem is not None:
-                return None, f"item {i}: {problem}"
-            out.append(converted)
-        return tuple(out), None
+        return _convert_sequence(tp, value, dotted, where, errors, bad)
     if origin is dict:
         return (dict(value), None) if isinstance(value, dict) else bad
     if dataclasses.is_dataclass(tp):
@@ -437,22 +457,62 @@ def _convert(tp: Any, value: Any, dotted: str, where: _Where, errors: list[str])
     if tp is int:
         return (value, None) if isinstance(value, int) and not isinstance(value, bool) else bad
     if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value), None
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            try:
-                return float(value), None
-            except ValueError:
-                return bad
-        return bad
+        return _convert_float(value, bad)
     if tp is str:
         return (value, None) if isinstance(value, str) else bad
     return bad
 
 
+def _convert_union(tp: Any, value: Any, dotted: str, where: _Where, bad: tuple[None, str]) -> tuple[Any, str | None]:
+    args = typing.get_args(tp)
+    if value is None:
+        return (None, None) if type(None) in args else bad
+    problems = []
+    # bool first: YAML `true` must not become the string "True"
+    for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
+        converted, problem = _convert(arg, value, dotted, where, [])
+        if problem is None:
+            return converted, None
+        problems.append(problem)
+    return None, next((p for p in problems if p.startswith("expected a finite")), bad[1])
+
+
+def _convert_sequence(
+    tp: Any, value: Any, dotted: str, where: _Where, errors: list[str], bad: tuple[None, str]
+) -> tuple[Any, str | None]:
+    """A list (or fixed-size tuple such as ``[height, width]``); a scalar is a list of one."""
+    if isinstance(value, str | int | float) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        return bad
+    args = typing.get_args(tp)
+    if len(args) > 1 and Ellipsis not in args and len(value) != len(args):
+        return None, f"expected {_describe(tp)}, got a list of {len(value)}"
+    out = []
+    for i, item in enumerate(value):
+        converted, problem = _convert(args[0], item, f"{dotted}[{i}]", where, errors)
+        if problem is not None:
+            return None, f"item {i}: {problem}"
+        out.append(converted)
+    return tuple(out), None
+
+
+def _convert_float(value: Any, bad: tuple[None, str]) -> tuple[float | None, str | None]:
+    """Numbers, and strings YAML 1.1 leaves unparsed (``1e-3`` without a dot); never NaN or infinity."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return bad
+    try:
+        number = float(value)
+    except ValueError:
+        return bad
+    if not math.isfinite(number):
+        return None, f"expected a finite number, got {value!r}"
+    return number, None
+
+
 def method_config(name: str, **options: Any) -> Any:
     """Build a validated config of method ``name`` from keyword options (Python API and tests)."""
-    from adaptune.methods.registry import get_method
+    from adaptune.methods import get_method
 
     errors: list[str] = []
     cfg = _build(get_method(name).config_cls, options, "method", _Where("<python>"), errors)
@@ -466,10 +526,12 @@ def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
+        if is_internal(f):
+            continue
         if f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-            default = _plain(f.default_factory())  # type: ignore[misc]
+            default = plain(f.default_factory())  # type: ignore[misc]
         else:
             default = None
         rows.append((f.name, _describe(hints[f.name]), default, f.metadata.get("help", "")))

@@ -63,7 +63,7 @@ def expand_tasks(tasks: Sequence[str]) -> list[str]:
     Raises:
         RecipeError: An unknown preset, or no task at all.
     """
-    from adaptune.data.sources import VTAB_ALIASES
+    from adaptune.data.sources.vtab import VTAB_ALIASES
 
     out: list[str] = []
     for item in tasks:
@@ -96,7 +96,8 @@ def sweep(
     log: Callable[[str], None] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train ``recipe_path`` once per task (``data.task=<task>``) into ``out_dir/<task>/``; write and return results.
+    """Train ``recipe_path`` once per task (``data.vtab.task=<task>``) into ``out_dir/<task>/``; write and return
+    results.
 
     Args:
         recipe_path: Recipe YAML with ``data.source: vtab``; its ``output.dir`` is not used.
@@ -126,7 +127,10 @@ def sweep(
         got = base.data.source
         raise RecipeError([f"{recipe_path}: data.source: a sweep runs VTAB-1k tasks; set it to vtab (got {got!r})"])
     out = Path(out_dir) if out_dir else Path("runs") / f"{base.name}-sweep"
-    recipes = {t: base.replace(data=dataclasses.replace(base.data, task=t)) for t in names}
+    recipes = {
+        t: base.replace(data=dataclasses.replace(base.data, options=dataclasses.replace(base.data.options, task=t)))
+        for t in names
+    }
     for r in recipes.values():
         data.describe(r.data)  # a missing task folder or list file fails now, not after hours of other tasks
     out.mkdir(parents=True, exist_ok=True)

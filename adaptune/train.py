@@ -1,14 +1,14 @@
 """The training loop: one loop for every method.
 
-Read top to bottom: build (backbone, method, data, optimizer, schedule) -> maybe resume -> epochs of steps with
-evaluation -> final test of the best and last weights -> summary. Methods plug in through their `MethodSpec`
-(``training_loss`` for MoSA's consistency term); everything else is shared.
+Read top to bottom: `train` starts a `Run` (backbone, method, data, optimizer, schedule; resumed or fresh), runs epochs
+of steps (`_train_epoch`), closes each epoch with an evaluation and checkpoints (`_end_epoch`), then tests the best
+and last weights (`_finish`). Methods plug in through their `MethodSpec` (``forward``, ``training_loss`` with its named
+loss terms, ``diagnostics``); everything else is shared.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import signal
@@ -16,18 +16,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptune import artifacts
 from adaptune.errors import AdaptuneError, ArtifactError, DivergenceError
+from adaptune.files import to_json
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from adaptune.methods.registry import MethodSpec
+    from adaptune.batch import Batch, Loss
+    from adaptune.data import Loaders
+    from adaptune.distributed import Dist
+    from adaptune.loading import Built
     from adaptune.recipe import Recipe
 
 
@@ -44,61 +48,109 @@ class RunResult:
 
 
 @dataclass
-class Built:
-    """A model ready to train: the backbone with the method injected, and what the dry run reports."""
+class LoopState:
+    """Where the loop is; saved in every checkpoint, so a resumed run continues exactly here."""
 
-    model: nn.Module
-    spec: MethodSpec
-    touched: list[str]
-    info: Any  # data.DatasetInfo
-    trainable: int
-    total: int
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0  # micro-batches done in the current epoch
+    best_top1: float = -1.0
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def build(recipe: Recipe) -> Built:
-    """Backbone + method, seeded by ``train.seed``; cheap data description only (no images decoded)."""
-    import torch
+@dataclass
+class EpochStats:
+    """Sums over the micro-batches of one epoch on this process: accuracy, loss, and each loss term."""
 
-    from adaptune import data
-    from adaptune.backbone import count_parameters, create_backbone, input_spec
-    from adaptune.methods.registry import get_method
+    correct: int = 0
+    seen: int = 0
+    loss: float = 0.0
+    terms: dict[str, float] = field(default_factory=dict)
 
-    info = data.describe(recipe.data)
-    _seed_everything(recipe.train.seed)
-    model = create_backbone(recipe.backbone, info.num_classes)
-    spec = get_method(recipe.method_name)
-    touched = spec.inject(model, recipe.method)
-    model.get_classifier().requires_grad_(True)
-    trainable, total = count_parameters(model)
-    size, mean, std = input_spec(model, recipe)
-    torch.manual_seed(recipe.train.seed)  # the method's draws and dropout start from the same state every run
-    return Built(model, spec, touched, info, trainable, total, size, mean, std)
+    def add(self, loss: Loss, batch: Batch) -> None:
+        n = len(batch)
+        self.correct += int((loss.logits.detach().argmax(1) == batch.labels).sum())
+        self.seen += n
+        self.loss += loss.total.item() * n
+        for name, value in loss.terms.items():
+            self.terms[name] = self.terms.get(name, 0.0) + value.detach().item() * n
+
+    def means(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None, device: torch.device) -> dict[str, float]:
+        """``train_loss``, ``train_top1`` and ``train_<term>`` over the whole epoch (summed over processes)."""
+        import torch
+
+        names = sorted(self.terms)
+        totals = torch.tensor(
+            [self.correct, self.seen, self.loss, *(self.terms[n] for n in names)], dtype=torch.float64, device=device
+        )
+        totals = (reduce(totals) if reduce else totals).tolist()
+        seen = max(totals[1], 1)
+        out = {"train_loss": totals[2] / seen, "train_top1": 100.0 * totals[0] / seen}
+        out.update({f"train_{n}": v / seen for n, v in zip(names, totals[3:], strict=True)})
+        return out
 
 
-def set_train_mode(model: nn.Module, backbone_train: bool) -> None:
-    """Train mode for what trains; frozen BatchNorm always in eval (its running stats must not drift).
+@dataclass
+class Timing:
+    data: float = 0.0
+    compute: float = 0.0
+    images: int = 0
 
-    With ``backbone_train`` false the frozen backbone runs in eval mode (no dropout/drop-path) and only the modules a
-    method created are in train mode.
-    """
-    from torch import nn
-    from torch.nn.modules.batchnorm import _BatchNorm
 
-    from adaptune.methods.common import adapter_modules
+@dataclass
+class Run:
+    """Everything one training run holds."""
 
-    model.train(backbone_train)
-    if not backbone_train:
-        for _, module in adapter_modules(model):
-            module.train()
-            base = getattr(module, "base", None)
-            if isinstance(base, nn.Module):
-                base.eval()
-    for m in model.modules():
-        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
-            m.eval()
+    recipe: Recipe
+    dir: Path
+    dist: Dist
+    device: torch.device
+    built: Built
+    train_model: nn.Module  # the model, or its DDP wrapper
+    loaders: Loaders
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    manifest: dict[str, Any]
+    steps_per_epoch: int
+    total_steps: int
+    say: Callable[[str], None]
+    state: LoopState = field(default_factory=LoopState)
+    timing: Timing = field(default_factory=Timing)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.built.model
+
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)
+
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.recipe.train.label_smoothing)
+
+    def reducer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        from adaptune import distributed
+
+        return distributed.sum_reducer(self.dist)
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                f.write(to_json(record) + "\n")
+
+    def save(self, which: str) -> None:
+        if self.dist.is_main:
+            trainer_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "loop": asdict(self.state),
+                "rng": _get_rng_state(),
+            }
+            artifacts.save_checkpoint(self.dir / "checkpoints" / which, self.model, self.manifest, trainer_state)
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -129,36 +181,52 @@ def train(
         Interrupted: SIGINT/SIGTERM; ``last`` was saved first.
         DivergenceError: Non-finite loss or gradient; the last good checkpoint is kept.
     """
+    from adaptune import distributed
+
+    wall_start = time.perf_counter()
+    run = _start(recipe, Path(out_dir) if out_dir else default_run_dir(recipe), resume, log or (lambda _msg: None))
+    stop = _StopFlag()
+    with stop.installed():
+        while run.state.step < run.total_steps:
+            stats = _train_epoch(run, stop, progress, on_step)
+            _end_epoch(run, stats)
+    summary = _finish(run)
+    summary.update(
+        wall_time_s=time.perf_counter() - wall_start,
+        train_images_per_s=run.timing.images / run.timing.compute if run.timing.compute else None,
+        data_time_fraction=run.timing.data / (run.timing.data + run.timing.compute) if run.timing.compute else None,
+        peak_memory_mb=_peak_memory_mb(run.device),
+    )
+    if run.dist.is_main:
+        artifacts.write_json(run.dir / "summary.json", summary)
+    distributed.teardown(run.dist)
+    return RunResult(run.dir, summary)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# start
+
+
+def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], None]) -> Run:
+    """Build everything a run needs; restore the ``last`` checkpoint or write the run's first files."""
     import torch
-    import torch.nn.functional as F
 
     from adaptune import data, distributed
     from adaptune.backbone import parameter_line
-    from adaptune.evaluate import autocast, evaluate
+    from adaptune.loading import build
 
-    wall_start = time.perf_counter()
-    say = log or (lambda _msg: None)
     dist, device = distributed.setup(recipe.train.device)
     if not dist.is_main:
         say = lambda _msg: None  # noqa: E731
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    run_dir = Path(out_dir) if out_dir else default_run_dir(recipe)
-    if resume:
-        ckpt = artifacts.find_checkpoint(run_dir, "last")
-    elif (run_dir / artifacts.ADAPTER_CONFIG).exists():
-        raise ArtifactError(
-            f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out"
-        )
-
+    cfg = recipe.train
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ckpt = artifacts.find_checkpoint(run_dir, "last") if resume else _check_new_run_dir(run_dir)
     b = build(recipe)
-    model, spec, cfg = b.model.to(device), b.spec, recipe.train
-    manifest = artifacts.build_manifest(recipe, b.info.num_classes, b.info.class_names, b.trainable, b.touched)
+    b.model.to(device)
     loaders = data.build_loaders(
         recipe.data,
-        img_size=b.input_size,
-        mean=b.mean,
-        std=b.std,
+        spec=b.input,
         batch_size=cfg.batch_size,
         eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
         seed=cfg.seed,
@@ -166,15 +234,63 @@ def train(
         rank=dist.rank,
         world_size=dist.world_size,
     )
-    train_model: nn.Module = model
-    if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+    steps_per_epoch = math.ceil(len(loaders.train) / cfg.grad_accum)
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    optimizer, scheduler = _optimizer_and_schedule(b.model, recipe, steps_per_epoch, total_steps)
+    run = Run(
+        recipe=recipe,
+        dir=run_dir,
+        dist=dist,
+        device=device,
+        built=b,
+        train_model=_distributed_model(b, dist),
+        loaders=loaders,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16" and device.type == "cuda"),
+        manifest=artifacts.build_manifest(
+            recipe, b.info.num_classes, b.info.class_names, b.trainable, b.touched, b.input
+        ),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        say=say,
+    )
+    if ckpt is not None:
+        _restore(run, ckpt)
+    elif dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.atomic_write_text(run_dir / artifacts.RECIPE_FILE, recipe.to_yaml())
+        artifacts.write_json(run_dir / artifacts.ADAPTER_CONFIG, run.manifest)
+    scheduler.step_update(run.state.step)
+    say(f"{recipe.method_name} on {recipe.backbone.model}: {parameter_line(b.trainable, b.total)}")
+    sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())
+    say(f"{sizes} images, {b.info.num_classes} classes, {total_steps} steps of batch {cfg.batch_size}")
+    return run
 
-        train_model = DistributedDataParallel(model, find_unused_parameters=spec.find_unused_parameters)
 
+def _check_new_run_dir(run_dir: Path) -> None:
+    if (run_dir / artifacts.ADAPTER_CONFIG).exists():
+        raise ArtifactError(
+            f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out"
+        )
+
+
+def _distributed_model(b: Built, dist: Dist) -> nn.Module:
+    if not dist.enabled:
+        return b.model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(b.model, find_unused_parameters=b.spec.find_unused_parameters)
+
+
+def _optimizer_and_schedule(
+    model: nn.Module, recipe: Recipe, steps_per_epoch: int, total_steps: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    """timm's optimizer factory (no weight decay on biases, norms, tokens) and its cosine schedule, stepped per step."""
     import timm.optim
     import timm.scheduler
 
+    cfg = recipe.train
     optimizer = timm.optim.create_optimizer_v2(
         model,
         opt=cfg.optimizer,
@@ -182,241 +298,262 @@ def train(
         weight_decay=cfg.weight_decay,
         **({"eps": cfg.eps} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}),
     )
-    micro_per_epoch = len(loaders.train)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
     scheduler = timm.scheduler.CosineLRScheduler(
         optimizer,
-        t_initial=max(1, total_steps - round(cfg.warmup_epochs * steps_per_epoch)),
+        t_initial=max(1, total_steps - warmup),
         lr_min=cfg.lr if cfg.schedule == "constant" else cfg.min_lr,
-        warmup_t=round(cfg.warmup_epochs * steps_per_epoch),
+        warmup_t=warmup,
         warmup_lr_init=cfg.warmup_lr,
         warmup_prefix=True,
         t_in_epochs=False,
     )
-    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" and device.type == "cuda" else None
-    params = [p for p in model.parameters() if p.requires_grad]
+    return optimizer, scheduler
 
-    def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
 
-    state = {"step": 0, "epoch": 0, "micro": 0, "best_top1": -1.0, "best_epoch": None, "history": []}
-    if resume:
-        ts = artifacts.load_trainer_state(ckpt)
-        tensors, _ = artifacts.load_safetensors(ckpt / artifacts.ADAPTER_WEIGHTS)
-        artifacts.load_adapter_state(model, tensors, ckpt)
-        optimizer.load_state_dict(ts["optimizer"])
-        if scaler is not None and ts.get("scaler"):
-            scaler.load_state_dict(ts["scaler"])
-        state.update(ts["loop"])
-        _set_rng_state(ts["rng"])
-        say(f"resuming {run_dir} at epoch {state['epoch'] + 1}, step {state['step']}")
-    elif dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.atomic_write_text(run_dir / artifacts.RECIPE_FILE, recipe.to_yaml())
-        artifacts.write_json(run_dir / artifacts.ADAPTER_CONFIG, manifest)
-    scheduler.step_update(state["step"])
-
-    def trainer_state() -> dict[str, Any]:
-        return {
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "loop": {k: state[k] for k in ("step", "epoch", "micro", "best_top1", "best_epoch", "history")},
-            "rng": _get_rng_state(),
-        }
-
-    def save(which: str) -> None:
-        if dist.is_main:
-            artifacts.save_checkpoint(run_dir / "checkpoints" / which, model, manifest, trainer_state())
-
-    metrics_path = run_dir / "metrics.jsonl"
-    reduce = distributed.sum_reducer(dist)
-
-    def log_metrics(record: dict[str, Any]) -> None:
-        if dist.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    say(f"{recipe.method_name} on {recipe.backbone.model}: {parameter_line(b.trainable, b.total)}")
-    sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())
-    say(f"{sizes} images, {b.info.num_classes} classes, {total_steps} steps of batch {cfg.batch_size}")
-
-    stop = _StopFlag()
-    data_time, compute_time, images_seen = 0.0, 0.0, 0
-    bar = None
+def _restore(run: Run, ckpt: Path) -> None:
+    """Load the checkpoint's weights, optimizer, scaler, loop position and RNG state."""
+    ts = artifacts.load_trainer_state(ckpt)
+    tensors, _ = artifacts.load_safetensors(ckpt / artifacts.ADAPTER_WEIGHTS)
+    artifacts.load_adapter_state(run.model, tensors, ckpt)
     try:
-        with stop.installed():
-            while state["step"] < total_steps:
-                epoch = state["epoch"]
-                loaders.train_sampler.set_epoch(epoch)
-                loaders.train_sampler.set_start(state["micro"])
-                set_train_mode(model, recipe.backbone.train_mode)
-                correct, seen, loss_sum = 0, 0, 0.0
-                if progress and dist.is_main:
-                    from tqdm import tqdm
+        run.optimizer.load_state_dict(ts["optimizer"])
+        if ts.get("scaler"):
+            run.scaler.load_state_dict(ts["scaler"])
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ArtifactError(
+            f"{ckpt / artifacts.TRAINER_STATE}: the optimizer state does not fit this model ({e}); the checkpoint "
+            "is damaged or from another recipe"
+        ) from None
+    run.state = LoopState(**ts["loop"])
+    _set_rng_state(ts["rng"])
+    run.say(f"resuming {run.dir} at epoch {run.state.epoch + 1}, step {run.state.step}")
 
-                    bar = tqdm(
-                        total=micro_per_epoch,
-                        initial=state["micro"],
-                        desc=f"epoch {epoch + 1}/{num_epochs}",
-                        leave=False,
-                        file=sys.stderr,
-                        dynamic_ncols=True,
-                    )
-                t0 = time.perf_counter()
-                for images, targets in loaders.train:
-                    t1 = time.perf_counter()
-                    data_time += t1 - t0
-                    images = images.to(device, non_blocking=True)
-                    targets = targets.to(device, non_blocking=True)
-                    with autocast(device, cfg.precision):
-                        if spec.training_loss is not None:
-                            loss, logits = spec.training_loss(train_model, images, targets, loss_fn)
-                        else:
-                            logits = train_model(images)
-                            loss = loss_fn(logits, targets)
-                    if not torch.isfinite(loss):
-                        raise _divergence(state["step"], optimizer, "loss", loss.item())
-                    scaled = loss / cfg.grad_accum
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                    state["micro"] += 1
-                    correct += (logits.detach().argmax(1) == targets).sum().item()
-                    seen += targets.numel()
-                    loss_sum += loss.item() * targets.numel()
-                    images_seen += targets.numel()
-                    if bar is not None:
-                        bar.update(1)
-                    if state["micro"] % cfg.grad_accum == 0 or state["micro"] == micro_per_epoch:
-                        if scaler is not None:
-                            scaler.unscale_(optimizer)
-                        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad or float("inf"))
-                        if not torch.isfinite(norm) and scaler is None:
-                            raise _divergence(state["step"], optimizer, "gradient norm", norm.item())
-                        if scaler is not None:
-                            scaler.step(optimizer)
-                            scaler.update()
-                        else:
-                            optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        state["step"] += 1
-                        scheduler.step_update(state["step"])
-                        if on_step is not None:
-                            on_step(state["step"])
-                        if state["step"] % cfg.log_every == 0:
-                            lr = optimizer.param_groups[0]["lr"]
-                            line = f"step {state['step']}/{total_steps} loss {loss.item():.4f} lr {lr:.2e}"
-                            if bar is not None:
-                                bar.set_postfix_str(line.split(" ", 2)[2])
-                            else:
-                                say(line)
-                            log_metrics({"step": state["step"], "epoch": epoch, "loss": loss.item(), "lr": lr})
-                        if stop.requested:
-                            save("last")
-                            raise Interrupted(
-                                f"interrupted at step {state['step']}; last checkpoint saved; continue with: "
-                                f"adaptune train --resume {run_dir}"
-                            )
-                        if state["step"] >= total_steps:
-                            break
-                    compute_time += time.perf_counter() - t1
-                    t0 = time.perf_counter()
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                tot = torch.tensor([correct, seen, loss_sum], dtype=torch.float64, device=device)
-                tot = (reduce(tot) if reduce else tot).tolist()
-                train_top1 = 100.0 * tot[0] / max(tot[1], 1)
-                record: dict[str, Any] = {
-                    "epoch": epoch + 1,
-                    "step": state["step"],
-                    "train_loss": tot[2] / max(tot[1], 1),
-                    "train_top1": train_top1,
-                }
-                if epoch == 0 and train_top1 < 150.0 / b.info.num_classes and b.info.num_classes > 2:
-                    say(
-                        f"warning: training accuracy {train_top1:.1f}% is near chance after the first epoch; if it "
-                        "stays there, lower train.lr"
-                    )
-                last_epoch = state["step"] >= total_steps
-                if loaders.val is not None and ((epoch + 1) % cfg.eval_every == 0 or last_epoch):
-                    val = evaluate(model, loaders.val, device, b.info.num_classes, cfg.precision, False, reduce)
-                    record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
-                    if val["top1"] > state["best_top1"] and recipe.output.save_best:
-                        state["best_top1"], state["best_epoch"] = val["top1"], epoch + 1
-                        record["best"] = True
-                state["epoch"], state["micro"] = epoch + 1, 0
-                state["history"].append(record)
-                log_metrics(record)
-                say(_epoch_line(record, num_epochs))
-                if record.get("best"):
-                    save("best")
-                save("last")
-    finally:
-        if bar is not None:
-            bar.close()
 
-    summary = _finish(recipe, model, loaders, device, b, state, run_dir, manifest, dist, reduce, say)
-    summary.update(
-        wall_time_s=time.perf_counter() - wall_start,
-        train_images_per_s=images_seen / compute_time if compute_time else None,
-        data_time_fraction=data_time / (data_time + compute_time) if compute_time else None,
-        peak_memory_mb=_peak_memory_mb(device),
+# ----------------------------------------------------------------------------------------------------------------
+# steps
+
+
+def _compute_loss(run: Run, batch: Batch) -> Loss:
+    """The method's training loss, or cross-entropy on its forward's logits."""
+    from adaptune.batch import Loss
+    from adaptune.evaluate import autocast, model_forward
+
+    spec, cfg = run.built.spec, run.recipe.method
+    with autocast(run.device, run.recipe.train.precision):
+        if spec.training_loss is not None:
+            return spec.training_loss(run.train_model, cfg, batch, run.loss_fn)
+        logits = model_forward(spec, cfg)(run.train_model, batch)
+        ce = run.loss_fn(logits, batch.targets)
+        return Loss(ce, logits, {"ce": ce})
+
+
+def _train_epoch(run: Run, stop: _StopFlag, progress: bool, on_step: Callable[[int], None] | None) -> EpochStats:
+    """The rest of the current epoch: forward, backward, and an optimizer step every ``grad_accum`` micro-batches."""
+    import torch
+
+    state, cfg = run.state, run.recipe.train
+    run.loaders.train_sampler.set_epoch(state.epoch)
+    run.loaders.train_sampler.set_start(state.micro)
+    set_train_mode(run.model, run.recipe.backbone.train_mode)
+    micro_per_epoch = len(run.loaders.train) + state.micro
+    stats = EpochStats()
+    with _progress_bar(run, micro_per_epoch, progress) as bar:
+        t0 = time.perf_counter()
+        for batch in run.loaders.train:
+            t1 = time.perf_counter()
+            run.timing.data += t1 - t0
+            batch = batch.to(run.device, non_blocking=True)
+            loss = _compute_loss(run, batch)
+            if not torch.isfinite(loss.total):
+                raise _divergence(run, "loss", loss.total.item())
+            run.scaler.scale(loss.total / cfg.grad_accum).backward()
+            state.micro += 1
+            stats.add(loss, batch)
+            run.timing.images += len(batch)
+            bar.update(1)
+            if state.micro % cfg.grad_accum == 0 or state.micro == micro_per_epoch:
+                _optimizer_step(run)
+                if on_step is not None:
+                    on_step(state.step)
+                if state.step % cfg.log_every == 0:
+                    _log_step(run, loss, bar)
+                if stop.requested:
+                    run.save("last")
+                    raise Interrupted(
+                        f"interrupted at step {state.step}; last checkpoint saved; continue with: "
+                        f"adaptune train --resume {run.dir}"
+                    )
+                if state.step >= run.total_steps:
+                    break
+            run.timing.compute += time.perf_counter() - t1
+            t0 = time.perf_counter()
+    return stats
+
+
+def _optimizer_step(run: Run) -> None:
+    """Unscale, clip (or just measure) the gradient norm, step, zero the gradients, advance the schedule."""
+    import torch
+
+    run.scaler.unscale_(run.optimizer)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, run.recipe.train.clip_grad or float("inf"))
+    if not torch.isfinite(norm) and not run.scaler.is_enabled():  # the fp16 scaler skips such steps itself
+        raise _divergence(run, "gradient norm", norm.item())
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.step += 1
+    run.scheduler.step_update(run.state.step)
+
+
+def _log_step(run: Run, loss: Loss, bar: Any) -> None:
+    lr = run.optimizer.param_groups[0]["lr"]
+    terms = {name: value.detach().item() for name, value in loss.terms.items()}
+    shown = "" if list(terms) == ["ce"] else " (" + ", ".join(f"{k} {v:.4f}" for k, v in terms.items()) + ")"
+    line = f"step {run.state.step}/{run.total_steps} loss {loss.total.item():.4f}{shown} lr {lr:.2e}"
+    if bar.active:
+        bar.set_postfix_str(line.split(" ", 2)[2])
+    else:
+        run.say(line)
+    run.log_metrics({"step": run.state.step, "epoch": run.state.epoch, "loss": loss.total.item(), **terms, "lr": lr})
+
+
+class _NoBar:
+    active = False
+
+    def update(self, n: int) -> None: ...
+
+    def set_postfix_str(self, s: str) -> None: ...
+
+
+@contextlib.contextmanager
+def _progress_bar(run: Run, total: int, progress: bool) -> Iterator[Any]:
+    if not (progress and run.dist.is_main):
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=total,
+        initial=run.state.micro,
+        desc=f"epoch {run.state.epoch + 1}/{run.num_epochs}",
+        leave=False,
+        file=sys.stderr,
+        dynamic_ncols=True,
     )
-    if dist.is_main:
-        artifacts.write_json(run_dir / "summary.json", summary)
-    distributed.teardown(dist)
-    return RunResult(run_dir, summary)
+    bar.active = True
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
-def _finish(recipe, model, loaders, device, b, state, run_dir, manifest, dist, reduce, say) -> dict[str, Any]:
-    """Test the last and the best weights; write the selected weights as the run's ``adapter_model.safetensors``."""
-    from adaptune import distributed
+# ----------------------------------------------------------------------------------------------------------------
+# end of an epoch, end of the run
+
+
+def _evaluate(run: Run, loader: Any) -> dict[str, Any]:
     from adaptune.evaluate import evaluate
 
-    cfg = recipe.train
+    return evaluate(
+        run.model,
+        loader,
+        run.device,
+        run.built.info.num_classes,
+        run.recipe.train.precision,
+        confusion=False,
+        reduce=run.reducer(),
+        method=run.built.spec,
+        method_cfg=run.recipe.method,
+    )
+
+
+def _end_epoch(run: Run, stats: EpochStats) -> None:
+    """Training means, validation (every ``eval_every`` epochs and after the last), best/last checkpoints."""
+    state, num_classes = run.state, run.built.info.num_classes
+    record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, **stats.means(run.reducer(), run.device)}
+    if state.epoch == 0 and record["train_top1"] < 150.0 / num_classes and num_classes > 2:
+        run.say(
+            f"warning: training accuracy {record['train_top1']:.1f}% is near chance after the first epoch; if it "
+            "stays there, lower train.lr"
+        )
+    last_epoch = state.step >= run.total_steps
+    if run.loaders.val is not None and ((state.epoch + 1) % run.recipe.train.eval_every == 0 or last_epoch):
+        val = _evaluate(run, run.loaders.val)
+        record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+        if "diagnostics" in val:
+            record["val_diagnostics"] = {k: v for k, v in val["diagnostics"].items() if k != "warnings"}
+            for warning in val["diagnostics"].get("warnings", []):
+                run.say(f"warning: {warning}")
+        if val["top1"] > state.best_top1 and run.recipe.output.save_best:
+            state.best_top1, state.best_epoch = val["top1"], state.epoch + 1
+            record["best"] = True
+    state.epoch, state.micro = state.epoch + 1, 0
+    state.history.append(record)
+    run.log_metrics(record)
+    run.say(_epoch_line(record, run.num_epochs))
+    if record.get("best"):
+        run.save("best")
+    run.save("last")
+
+
+def _finish(run: Run) -> dict[str, Any]:
+    """Test the last and the best weights; write the selected weights as the run's ``adapter_model.safetensors``."""
+    from adaptune import distributed
+
+    state = run.state
     test_last = test_best = None
-    if loaders.test is not None:
-        test_last = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, False, reduce)["top1"]
+    if run.loaders.test is not None:
+        test_last = _evaluate(run, run.loaders.test)["top1"]
     selected = "last"
-    if state["best_epoch"] is not None:  # the same on every process: validation metrics are summed over all
+    if state.best_epoch is not None:  # the same on every process: validation metrics are summed over all
         selected = "best"
-        distributed.barrier(dist)  # rank 0 wrote the best checkpoint
-        if state["best_epoch"] == state["epoch"]:  # the last weights are the best ones: no second test pass
+        distributed.barrier(run.dist)  # rank 0 wrote the best checkpoint
+        if state.best_epoch == state.epoch:  # the last weights are the best ones: no second test pass
             test_best = test_last
         else:
-            best = artifacts.find_checkpoint(run_dir, "best")
+            best = artifacts.find_checkpoint(run.dir, "best")
             tensors, _ = artifacts.load_safetensors(best / artifacts.ADAPTER_WEIGHTS)
-            artifacts.load_adapter_state(model, tensors, best)
-            if loaders.test is not None:
-                test_best = evaluate(model, loaders.test, device, b.info.num_classes, cfg.precision, False, reduce)
-                test_best = test_best["top1"]
-    if dist.is_main:
+            artifacts.load_adapter_state(run.model, tensors, best)
+            if run.loaders.test is not None:
+                test_best = _evaluate(run, run.loaders.test)["top1"]
+    if run.dist.is_main:
         artifacts.save_safetensors(
-            artifacts.adapter_state_dict(model),
-            run_dir / artifacts.ADAPTER_WEIGHTS,
-            {**manifest, "checkpoint": selected},
+            artifacts.adapter_state_dict(run.model),
+            run.dir / artifacts.ADAPTER_WEIGHTS,
+            {**run.manifest, "checkpoint": selected},
         )
+    last = state.history[-1] if state.history else {}
     summary = {
-        "method": recipe.method_name,
-        "backbone": recipe.backbone.model,
-        "run_dir": str(run_dir),
-        "epochs": state["epoch"],
-        "steps": state["step"],
-        "best_val_top1": state["best_top1"] if state["best_epoch"] is not None else None,
-        "best_val_epoch": state["best_epoch"],
+        "method": run.recipe.method_name,
+        "backbone": run.recipe.backbone.model,
+        "run_dir": str(run.dir),
+        "epochs": state.epoch,
+        "steps": state.step,
+        "best_val_top1": state.best_top1 if state.best_epoch is not None else None,
+        "best_val_epoch": state.best_epoch,
         "test_top1_best": test_best,
         "test_top1_last": test_last,
         "final_weights": selected,
-        "trainable_params": b.trainable,
-        "total_params": b.total,
+        "train_loss_terms": {k.removeprefix("train_"): v for k, v in last.items() if _is_term(k)},
+        "trainable_params": run.built.trainable,
+        "total_params": run.built.total,
     }
-    say(_summary_line(summary))
+    run.say(_summary_line(summary))
     return summary
 
 
+def _is_term(key: str) -> bool:
+    return key.startswith("train_") and key not in ("train_loss", "train_top1")
+
+
 def _epoch_line(r: dict[str, Any], num_epochs: int) -> str:
-    line = f"epoch {r['epoch']}/{num_epochs} train loss {r['train_loss']:.4f} top1 {r['train_top1']:.1f}%"
+    line = f"epoch {r['epoch']}/{num_epochs} train loss {r['train_loss']:.4f}"
+    terms = {k.removeprefix("train_"): v for k, v in r.items() if _is_term(k)}
+    if list(terms) != ["ce"]:
+        line += " (" + ", ".join(f"{k} {v:.4f}" for k, v in terms.items()) + ")"
+    line += f" top1 {r['train_top1']:.1f}%"
     if "val_top1" in r:
         line += f" | val loss {r['val_loss']:.4f} top1 {r['val_top1']:.1f}%" + (" (best)" if r.get("best") else "")
     return line
@@ -433,19 +570,39 @@ def _summary_line(s: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _divergence(step: int, optimizer: torch.optim.Optimizer, what: str, value: float) -> DivergenceError:
-    lr = optimizer.param_groups[0]["lr"]
+def _divergence(run: Run, what: str, value: float) -> DivergenceError:
+    lr = run.optimizer.param_groups[0]["lr"]
     return DivergenceError(
-        f"training diverged at step {step + 1}: {what} is {value} at lr {lr:.2e}; the last good checkpoint is kept; "
-        "lower train.lr (or set train.clip_grad)"
+        f"training diverged at step {run.state.step + 1}: {what} is {value} at lr {lr:.2e}; the last good checkpoint "
+        "is kept; lower train.lr (or set train.clip_grad)"
     )
 
 
-def _seed_everything(seed: int) -> None:
-    import torch
+# ----------------------------------------------------------------------------------------------------------------
+# modes, RNG, memory, signals
 
-    random.seed(seed)
-    torch.manual_seed(seed)
+
+def set_train_mode(model: nn.Module, backbone_train: bool) -> None:
+    """Train mode for what trains; frozen BatchNorm always in eval (its running stats must not drift).
+
+    With ``backbone_train`` false the frozen backbone runs in eval mode (no dropout/drop-path) and only the modules a
+    method created are in train mode.
+    """
+    from torch import nn
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from adaptune.methods.common import adapter_modules
+
+    model.train(backbone_train)
+    if not backbone_train:
+        for _, module in adapter_modules(model):
+            module.train()
+            base = getattr(module, "base", None)
+            if isinstance(base, nn.Module):
+                base.eval()
+    for m in model.modules():
+        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
+            m.eval()
 
 
 def _get_rng_state() -> dict[str, Any]:
@@ -461,7 +618,8 @@ def _get_rng_state() -> dict[str, Any]:
 def _set_rng_state(rng: dict[str, Any]) -> None:
     import torch
 
-    random.setstate(rng["python"])
+    python = rng["python"]  # a list after a round trip through torch.save's restricted unpickler
+    random.setstate((python[0], tuple(python[1]), python[2]))
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

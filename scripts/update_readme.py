@@ -14,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def methods_table() -> str:
-    from adaptune.methods.registry import get_method, list_methods
+    from adaptune.methods import get_method, list_methods
 
     rows = ["| method | what it trains | folds into plain timm weights |", "|---|---|---|"]
     for name in list_methods():
@@ -41,22 +41,19 @@ def _table(cls: type, prefix: str) -> list[str]:
     return [
         f"| `{prefix}{name}` | {kind} | `{_fmt(default)}` | {help_.replace('|', '/')} |"
         for name, kind, default, help_ in field_docs(cls)
-        if not isinstance(default, dict) or name != "synthetic"  # nested section: its own table below
     ]
 
 
 def recipe_reference() -> str:
-    from adaptune.methods.registry import get_method, list_methods
-    from adaptune.recipe import BackboneConfig, DataConfig, OutputConfig, SyntheticConfig, TrainConfig
+    from adaptune.data.sources import get_source, list_sources
+    from adaptune.methods import get_method, list_methods
+    from adaptune.recipe import BackboneConfig, DataConfig, OutputConfig, TrainConfig
 
+    sections = [("backbone", BackboneConfig, "backbone."), ("data", DataConfig, "data.")]
+    sections += [(f"data.{n} (data.source: {n})", get_source(n).config_cls, f"data.{n}.") for n in list_sources()]
+    sections += [("train", TrainConfig, "train."), ("output", OutputConfig, "output.")]
     out = []
-    for title, cls, prefix in (
-        ("backbone", BackboneConfig, "backbone."),
-        ("data", DataConfig, "data."),
-        ("data.synthetic", SyntheticConfig, "data.synthetic."),
-        ("train", TrainConfig, "train."),
-        ("output", OutputConfig, "output."),
-    ):
+    for title, cls, prefix in sections:
         out += [f"**{title}**", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         out += _table(cls, prefix)
         out.append("")

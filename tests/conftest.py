@@ -24,8 +24,7 @@ def tiny_recipe(name: str = "linear", tmp_path=None, **sections):
         "backbone": {"model": "test_vit", "img_size": 32},
         "method": {"name": name},
         "data": {
-            "source": "builtin",
-            "name": "synthetic",
+            "source": "synthetic",
             "synthetic": {"num_classes": 4, "train_per_class": 8, "val_per_class": 4, "test_per_class": 4},
         },
         "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_epochs": 0.5, "log_every": 1000},

@@ -20,7 +20,7 @@ README = Path(__file__).parents[1] / "README.md"
 TINY = {
     "backbone": {"model": "test_vit", "img_size": 32},
     "method": {"name": "lora", "rank": 2},
-    "data": {"source": "builtin", "name": "synthetic", "synthetic": {"num_classes": 3, "train_per_class": 4}},
+    "data": {"source": "synthetic", "synthetic": {"num_classes": 3, "train_per_class": 4}},
     "train": {"epochs": 1, "batch_size": 4},
 }
 
@@ -78,7 +78,10 @@ def test_set_overrides_and_dry_run(tmp_path):
             r"backbone\.model: 'vit_tiny_patch16_22' is not a timm model; did you mean",
         ),
         ({"method": {"targets": ["blocks.*.atn.qkv"]}}, r"method\.targets: 'blocks\.\*\.atn\.qkv' matched no"),
-        ({"data": {"source": "vtab", "root": "/nonexistent", "task": "cifar"}}, r"data\.root.*/nonexistent"),
+        (
+            {"data": {"source": "vtab", "synthetic": None, "vtab": {"root": "/nonexistent", "task": "cifar"}}},
+            r"data\.vtab\.root.*/nonexistent",
+        ),
     ],
 )
 def test_bad_recipes_exit_2_with_one_line(tmp_path, changes, message):

@@ -11,10 +11,14 @@ import torch
 from PIL import Image
 
 from adaptune import data
+from adaptune.batch import InputSpec
 from adaptune.data import DatasetInfo, EpochSampler, build_eval_loader, build_loaders, describe
-from adaptune.data.sources import VTAB_CLASSES, synthetic_split
+from adaptune.data.sources.builtin import BuiltinConfig
+from adaptune.data.sources.folder import FolderConfig
+from adaptune.data.sources.synthetic import SyntheticConfig, synthetic_split
+from adaptune.data.sources.vtab import VTAB_CLASSES, VtabConfig
 from adaptune.errors import DataError
-from adaptune.recipe import DataConfig, SyntheticConfig
+from adaptune.recipe import DataConfig
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_SRC = Path("/usr/share/datasets/fashion-mnist")
@@ -27,19 +31,37 @@ HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 def synthetic(**kw: object) -> DataConfig:
     syn = {k: kw.pop(k) for k in list(kw) if k in SyntheticConfig.__dataclass_fields__}
     syn_cfg = SyntheticConfig(**syn)  # type: ignore[arg-type]
-    return DataConfig(source="builtin", name="synthetic", synthetic=syn_cfg, **kw)  # type: ignore[arg-type]
+    return DataConfig(source="synthetic", options=syn_cfg, **kw)  # type: ignore[arg-type]
+
+
+def fashion(**kw: object) -> DataConfig:
+    return DataConfig(source="builtin", options=BuiltinConfig(), **kw)  # type: ignore[arg-type]
+
+
+def spec(size: int, mean=HALF[0], std=HALF[1], channels: int = 3) -> InputSpec:
+    return InputSpec(shape=(channels, size, size), mean=tuple(mean), std=tuple(std))
 
 
 def loaders(cfg: DataConfig, img_size: int = 16, batch_size: int = 8, seed: int = 0, **kw: object) -> data.Loaders:
+    mean_std = data.normalization(cfg.normalize, *HALF)  # the "model" here normalises with 0.5 / 0.5
     return build_loaders(
-        cfg, img_size=img_size, mean=HALF[0], std=HALF[1], batch_size=batch_size, eval_batch_size=16, seed=seed, **kw
+        cfg, spec=spec(img_size, *mean_std), batch_size=batch_size, eval_batch_size=16, seed=seed, **kw
     )  # type: ignore[arg-type]
+
+
+def pairs(loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of every batch."""
+    return [(b.inputs, b.targets) for b in loader]
+
+
+def first(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    return pairs(loader)[0]
 
 
 def epoch_batches(ld: data.Loaders, epoch: int, start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     ld.train_sampler.set_epoch(epoch)
     ld.train_sampler.set_start(start)
-    return list(ld.train)
+    return pairs(ld.train)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -47,18 +69,18 @@ def epoch_batches(ld: data.Loaders, epoch: int, start: int = 0) -> list[tuple[to
 
 
 def test_fashion_describe_sizes_names():
-    info = describe(DataConfig())
+    info = describe(fashion())
     assert info == DatasetInfo(10, FASHION_NAMES, {"train": 800, "val": 200, "test": 2000})
-    assert describe(DataConfig(train_split="trainval", val_split=None)).split_sizes == {"train": 1000, "test": 2000}
+    assert describe(fashion(train_split="trainval", val_split=None)).split_sizes == {"train": 1000, "test": 2000}
 
 
 def test_fashion_balanced_and_loader_shapes():
-    ld = loaders(DataConfig(), img_size=24, batch_size=100)
+    ld = loaders(fashion(), img_size=24, batch_size=100)
     assert ld.val is not None and ld.test is not None
     for loader, per_class in ((ld.train, 80), (ld.val, 20), (ld.test, 200)):
-        labels = torch.cat([y for _, y in loader])
+        labels = torch.cat([y for _, y in pairs(loader)])
         assert torch.bincount(labels, minlength=10).tolist() == [per_class] * 10
-    images, labels = next(iter(ld.train))
+    images, labels = first(ld.train)
     assert images.shape == (100, 3, 24, 24) and images.dtype == torch.float32 and labels.dtype == torch.int64
     assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 0], images[:, 2])  # gray replicated
     assert -1.0 <= images.min() < 0 < images.max() <= 1.0  # 0.5 / 0.5 normalisation
@@ -134,7 +156,7 @@ def test_synthetic_tiny_model_learns_in_a_few_steps():
                 for p in model.parameters():
                     p -= 0.05 * p.grad
     assert ld.test is not None
-    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in ld.test)
+    correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in pairs(ld.test))
     assert correct / 32 >= 0.75  # 20 steps; chance is 0.25
 
 
@@ -158,7 +180,7 @@ VTAB_COUNTS = {"train800": 8, "val200": 3, "train800val200": 11, "test": 5}
 
 
 def vtab(root: Path, task: str, **kw: object) -> DataConfig:
-    return DataConfig(source="vtab", root=str(root), task=task, **kw)  # type: ignore[arg-type]
+    return DataConfig(source="vtab", options=VtabConfig(root=str(root), task=task), **kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("task", ["cifar", "cifar100", "cifar_100", "CIFAR-100"])
@@ -189,11 +211,11 @@ def test_vtab_images_resized_and_normalised(tmp_path):
     cfg = vtab(tmp_path, "eurosat", normalize="none", interpolation="nearest")
     ld = loaders(cfg, img_size=4, batch_size=8)
     assert ld.val is not None and ld.test is not None
-    images, labels = next(iter(ld.test))  # dataset order
+    images, labels = first(ld.test)  # dataset order
     assert images.shape == (5, 3, 4, 4) and labels.tolist() == [0, 1, 2, 3, 4]
     expected = torch.tensor([[i, 2 * i, 3 * i] for i in range(5)], dtype=torch.float32) / 255
     torch.testing.assert_close(images.mean((2, 3)), expected)
-    assert sorted(torch.cat([y for _, y in ld.train]).tolist()) == sorted(i % 10 for i in range(8))
+    assert sorted(torch.cat([y for _, y in pairs(ld.train)]).tolist()) == sorted(i % 10 for i in range(8))
 
 
 def test_vtab_errors(tmp_path):
@@ -201,14 +223,14 @@ def test_vtab_errors(tmp_path):
     with pytest.raises(DataError, match=r"data\.val_split: list file .*val200\.txt' does not exist .*null to skip"):
         describe(vtab(tmp_path, "dtd"))
     assert describe(vtab(tmp_path, "dtd", val_split=None)).split_sizes == {"train": 2, "test": 2}
-    with pytest.raises(DataError, match=r"data\.task: no folder 'dtdd' under .*did you mean 'dtd'"):
+    with pytest.raises(DataError, match=r"data\.vtab\.task: no folder 'dtdd' under .*did you mean 'dtd'"):
         describe(vtab(tmp_path, "dtdd"))
-    with pytest.raises(DataError, match=r"data\.task: not set; set data\.task"):
+    with pytest.raises(DataError, match=r"data\.vtab\.task: not set; set data\.vtab\.task"):
         describe(vtab(tmp_path, None))
-    with pytest.raises(DataError, match=r"data\.root: directory '.*nowhere' does not exist"):
+    with pytest.raises(DataError, match=r"data\.vtab\.root: directory '.*nowhere' does not exist"):
         describe(vtab(tmp_path / "nowhere", "dtd"))
-    with pytest.raises(DataError, match=r"data\.root: not set"):
-        describe(DataConfig(source="vtab", task="dtd"))
+    with pytest.raises(DataError, match=r"data\.vtab\.root: not set"):
+        describe(DataConfig(source="vtab", options=VtabConfig(task="dtd")))
     (tmp_path / "dtd" / "test.txt").write_text("images/test/000000.png\n")
     with pytest.raises(DataError, match=r"data\.test_split: .*test\.txt:1: expected `relative/path label`"):
         describe(vtab(tmp_path, "dtd", val_split=None))
@@ -221,7 +243,7 @@ def test_vtab_label_out_of_range_and_unreadable_image(tmp_path):
     write_vtab(tmp_path, "svhn", {"train800": 2, "val200": 2, "test": 2}, num_labels=2)
     (tmp_path / "svhn" / "images" / "train800" / "000001.png").write_bytes(b"not a png")
     ld = loaders(vtab(tmp_path, "svhn"))
-    with pytest.raises(DataError, match=r"data\.root: cannot read image '.*000001\.png'"):
+    with pytest.raises(DataError, match=r"data\.vtab\.root: cannot read image '.*000001\.png'"):
         list(ld.train)
 
 
@@ -240,35 +262,43 @@ def write_folder(root: Path, layout: dict[str, dict[str, int]]) -> None:
 
 def test_folder_layout(tmp_path):
     write_folder(tmp_path, {"train": {"zebra": 3, "ant": 2, "cat": 1}, "test": {"ant": 2, "zebra": 1}})
-    cfg = DataConfig(source="folder", root=str(tmp_path), val_split=None)
+    cfg = DataConfig(source="folder", options=FolderConfig(root=str(tmp_path)), val_split=None)
     info = describe(cfg)
     assert info.class_names == ("ant", "cat", "zebra") and info.split_sizes == {"train": 6, "test": 3}
     ld = loaders(cfg, img_size=8, batch_size=4)
     assert ld.val is None and ld.test is not None
-    images, labels = next(iter(ld.test))
+    images, labels = first(ld.test)
     assert images.shape == (3, 3, 8, 8) and labels.tolist() == [0, 0, 2]
-    assert sorted(torch.cat([y for _, y in ld.train]).tolist()) == [0, 0, 1, 2, 2, 2]
+    assert sorted(torch.cat([y for _, y in pairs(ld.train)]).tolist()) == [0, 0, 1, 2, 2, 2]
 
 
 def test_folder_ignores_hidden_folders(tmp_path):
     write_folder(tmp_path, {"train": {"a": 1, ".ipynb_checkpoints": 1, "b": 1}})
-    cfg = DataConfig(source="folder", root=str(tmp_path), val_split=None, test_split=None)
+    cfg = DataConfig(source="folder", options=FolderConfig(root=str(tmp_path)), val_split=None, test_split=None)
     assert describe(cfg) == DatasetInfo(2, ("a", "b"), {"train": 2})
 
 
 def test_folder_errors(tmp_path):
     write_folder(tmp_path, {"train": {"a": 1, "b": 1}, "test": {"a": 1, "c": 1}})
     with pytest.raises(DataError, match=r"data\.val_split: no folder 'val' under .*set data\.val_split: null"):
-        describe(DataConfig(source="folder", root=str(tmp_path)))
+        describe(DataConfig(source="folder", options=FolderConfig(root=str(tmp_path))))
     with pytest.raises(DataError, match=r"data\.test_split: class folder '.*c' is not a class of the training split"):
-        describe(DataConfig(source="folder", root=str(tmp_path), val_split=None))
+        describe(DataConfig(source="folder", options=FolderConfig(root=str(tmp_path)), val_split=None))
     with pytest.raises(DataError, match=r"data\.train_split: no folder 'trian' .*did you mean 'train'"):
-        describe(DataConfig(source="folder", root=str(tmp_path), train_split="trian", val_split=None))
+        describe(
+            DataConfig(source="folder", options=FolderConfig(root=str(tmp_path)), train_split="trian", val_split=None)
+        )
 
 
 def test_folder_trainval_combines_train_and_val(tmp_path):
     write_folder(tmp_path, {"train": {"a": 2, "b": 1}, "val": {"a": 1, "b": 1}})
-    cfg = DataConfig(source="folder", root=str(tmp_path), train_split="trainval", val_split="val", test_split=None)
+    cfg = DataConfig(
+        source="folder",
+        options=FolderConfig(root=str(tmp_path)),
+        train_split="trainval",
+        val_split="val",
+        test_split=None,
+    )
     assert describe(cfg).split_sizes == {"train": 5, "val": 2}
 
 
@@ -277,8 +307,8 @@ def test_folder_trainval_combines_train_and_val(tmp_path):
 
 
 def test_builtin_errors():
-    with pytest.raises(DataError, match=r"data\.name: unknown built-in dataset 'fashion-mnist'; did you mean"):
-        describe(DataConfig(name="fashion-mnist"))
+    with pytest.raises(DataError, match=r"data\.builtin\.name: unknown built-in dataset 'fashion-mnist'; did you mean"):
+        describe(DataConfig(options=BuiltinConfig(name="fashion-mnist")))
     with pytest.raises(DataError, match=r"data\.val_split: 'valid' is not a split of synthetic; did you mean 'val'"):
         describe(synthetic(val_split="valid"))
     with pytest.raises(DataError, match=r"train\.batch_size: 64 is larger than the 32 training images"):
@@ -286,11 +316,11 @@ def test_builtin_errors():
 
 
 def test_build_eval_loader():
-    loader = build_eval_loader(DataConfig(), "trainval", img_size=12, mean=HALF[0], std=HALF[1], batch_size=250)
-    labels = torch.cat([y for _, y in loader])
+    loader = build_eval_loader(fashion(), "trainval", spec=spec(12), batch_size=250)
+    labels = torch.cat([y for _, y in pairs(loader)])
     assert len(loader) == 4 and torch.bincount(labels).tolist() == [100] * 10
     with pytest.raises(DataError, match=r"--split: 'tets' is not a split of fashion-mnist-1k; did you mean 'test'"):
-        build_eval_loader(DataConfig(), "tets", img_size=12, mean=HALF[0], std=HALF[1], batch_size=8)
+        build_eval_loader(fashion(), "tets", spec=spec(12), batch_size=8)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -339,7 +369,7 @@ def test_epoch_sampler_set_start():
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_resume_mid_epoch_sees_identical_batches(world_size):
-    cfg = DataConfig(hflip=True, val_split=None, test_split=None)
+    cfg = fashion(hflip=True, val_split=None, test_split=None)
     for rank in range(world_size):
         ld = loaders(cfg, img_size=12, batch_size=16, seed=3, rank=rank, world_size=world_size)
         full = epoch_batches(ld, epoch=2)
@@ -351,14 +381,14 @@ def test_resume_mid_epoch_sees_identical_batches(world_size):
 
 
 def test_hflip_deterministic_per_epoch_and_train_only():
-    cfg = DataConfig(hflip=True, val_split="train", test_split=None)
+    cfg = fashion(hflip=True, val_split="train", test_split=None)
     ld = loaders(cfg, img_size=12, batch_size=800)
     order = {}
     for epoch in (0, 1):
         ld.train_sampler.set_epoch(epoch)
         order[epoch] = list(ld.train_sampler)
     (x0, _), (x1, _) = epoch_batches(ld, 0)[0], epoch_batches(ld, 1)[0]
-    ref = next(iter(build_eval_loader(cfg, "train", img_size=12, mean=HALF[0], std=HALF[1], batch_size=800)))[0]
+    ref = first(build_eval_loader(cfg, "train", spec=spec(12), batch_size=800))[0]
     flipped = {}
     for epoch, x in ((0, x0), (1, x1)):
         ref_e = ref[order[epoch]]
@@ -368,11 +398,11 @@ def test_hflip_deterministic_per_epoch_and_train_only():
         flipped[epoch] = is_flip
         assert 0.4 < is_flip.float().mean() < 0.6
     assert not torch.equal(flipped[0], flipped[1])
-    assert ld.val is not None and torch.equal(torch.cat([x for x, _ in ld.val]), ref)  # evaluation never flips
+    assert ld.val is not None and torch.equal(torch.cat([x for x, _ in pairs(ld.val)]), ref)  # evaluation never flips
 
 
 def test_loaders_leave_global_rng_alone():
-    ld = loaders(DataConfig(hflip=True, test_split=None), img_size=8, batch_size=64)
+    ld = loaders(fashion(hflip=True, test_split=None), img_size=8, batch_size=64)
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -383,9 +413,9 @@ def test_loaders_leave_global_rng_alone():
 
 
 def test_workers_match_main_process():
-    cfg = DataConfig(hflip=True, val_split=None, test_split=None)
+    cfg = fashion(hflip=True, val_split=None, test_split=None)
     main = epoch_batches(loaders(cfg, img_size=8, batch_size=200), epoch=1)
-    ld = loaders(DataConfig(hflip=True, val_split=None, test_split=None, workers=2), img_size=8, batch_size=200)
+    ld = loaders(fashion(hflip=True, val_split=None, test_split=None, workers=2), img_size=8, batch_size=200)
     parallel = epoch_batches(ld, epoch=1)  # workers copy the sampler (epoch 1) when the iterator starts
     assert len(main) == len(parallel) == 4
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(main, parallel))
@@ -398,9 +428,9 @@ def test_eval_loaders_shard_without_padding():
     for rank in range(2):
         ld = loaders(cfg, rank=rank, world_size=2)
         assert ld.val is not None
-        seen += [x for x, _ in ld.val]
+        seen += [x for x, _ in pairs(ld.val)]
     assert sum(len(x) for x in seen) == 9
-    full = next(iter(loaders(cfg, batch_size=16).val))[0]  # type: ignore[arg-type]
+    full = first(loaders(cfg, batch_size=16).val)[0]
     assert torch.equal(torch.cat(seen)[torch.argsort(torch.tensor([*range(0, 9, 2), *range(1, 9, 2)]))], full)
 
 
@@ -409,12 +439,12 @@ def test_eval_loaders_shard_without_padding():
 
 
 def test_cache_and_no_cache_agree(monkeypatch):
-    cached = loaders(DataConfig(hflip=True, test_split=None), img_size=20, batch_size=100)
+    cached = loaders(fashion(hflip=True, test_split=None), img_size=20, batch_size=100)
     assert cached.train.dataset.store is not None  # type: ignore[attr-defined]
     monkeypatch.setattr(data, "CACHE_BUDGET_BYTES", 800 * 20 * 20)  # room for the train split only
-    budget = loaders(DataConfig(hflip=True, test_split=None), img_size=20, batch_size=100)
+    budget = loaders(fashion(hflip=True, test_split=None), img_size=20, batch_size=100)
     assert budget.train.dataset.store is not None and budget.val.dataset.store is None  # type: ignore[union-attr]
-    uncached = loaders(DataConfig(hflip=True, test_split=None, cache=False), img_size=20, batch_size=100)
+    uncached = loaders(fashion(hflip=True, test_split=None, cache=False), img_size=20, batch_size=100)
     assert uncached.train.dataset.store is None  # type: ignore[attr-defined]
     for epoch in (0, 1):  # epoch 0 fills the cache, epoch 1 reads it
         a, b = epoch_batches(cached, epoch), epoch_batches(uncached, epoch)
@@ -433,11 +463,11 @@ def test_cache_and_no_cache_agree(monkeypatch):
 def test_normalisation_choices(tmp_path, normalize, mean, std):
     write_vtab(tmp_path, "svhn", {"train800": 4, "val200": 4, "test": 1}, num_labels=2)
     cfg = vtab(tmp_path, "svhn", normalize=normalize)
-    model_mean_std: dict = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6)}
-    ld = build_loaders(cfg, img_size=4, batch_size=2, eval_batch_size=4, seed=0, **model_mean_std)
+    model_mean_std = data.normalization(normalize, (0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    ld = build_loaders(cfg, spec=spec(4, *model_mean_std), batch_size=2, eval_batch_size=4, seed=0)
     assert ld.val is not None
-    images, _ = next(iter(ld.val))  # image 3 has pixels (3, 6, 9)
+    images, _ = first(ld.val)  # image 3 has pixels (3, 6, 9)
     expected = (torch.tensor([3.0, 6.0, 9.0]) / 255 - torch.tensor(mean)) / torch.tensor(std)
     torch.testing.assert_close(images[3], expected.view(3, 1, 1).expand(3, 4, 4))
-    single = build_eval_loader(cfg, "val", img_size=4, batch_size=4, **model_mean_std)
-    torch.testing.assert_close(next(iter(single))[0], images)
+    single = build_eval_loader(cfg, "val", spec=spec(4, *model_mean_std), batch_size=4)
+    torch.testing.assert_close(first(single)[0], images)

@@ -14,7 +14,7 @@ from adaptune.artifacts import load_safetensors
 RECIPE = {
     "backbone": {"model": "test_vit", "img_size": 32},
     "method": {"name": "lora", "rank": 2},
-    "data": {"source": "builtin", "name": "synthetic", "synthetic": {"num_classes": 4, "train_per_class": 8}},
+    "data": {"source": "synthetic", "synthetic": {"num_classes": 4, "train_per_class": 8}},
     "train": {"epochs": 2, "batch_size": 8, "lr": 1e-2, "warmup_epochs": 0, "threads": 1},
 }
 

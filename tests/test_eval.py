@@ -116,18 +116,34 @@ def test_cli_table_and_json(runs, tmp_path):
 
 
 def test_data_root_override_reaches_the_loader(runs, tmp_path, monkeypatch):
+    import shutil
+
+    import yaml
+
     from adaptune import data
 
+    run = tmp_path / "run"
+    shutil.copytree(runs["lora"][0], run)
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"] = {**{k: v for k, v in recipe["data"].items() if k != "synthetic"}, "source": "folder"}
+    recipe["data"]["folder"] = {"root": "/moved/away"}
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     seen = {}
-    build = data.build_eval_loader
 
     def spy(cfg, split, **kwargs):
-        seen["root"] = cfg.root
-        return build(cfg, split, **kwargs)
+        seen["root"] = cfg.options.root
+        raise DataError("stop here")
 
     monkeypatch.setattr(data, "build_eval_loader", spy)
-    evaluate_artifact(runs["lora"][1], data_root=str(tmp_path), write=False)
+    with pytest.raises(DataError, match="stop here"):
+        evaluate_artifact(run, data_root=str(tmp_path), write=False)
     assert seen["root"] == str(tmp_path)
+
+
+def test_data_root_for_builtin_data_is_refused(runs):
+    """Built-in data reads no files: a --data-root would be silently ignored, so it is an error."""
+    with pytest.raises(DataError, match=r"--data-root: the run's data source 'synthetic' reads no files"):
+        evaluate_artifact(runs["lora"][1], data_root="/somewhere", write=False)
 
 
 def test_unknown_split_is_a_one_line_error(runs, tmp_path):

@@ -18,10 +18,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from adaptune.artifacts import load_safetensors
+from adaptune.batch import InputSpec
 from adaptune.cli import app
 from adaptune.errors import ArtifactError, ParityError
 from adaptune.export import export
-from adaptune.merge import load_artifact, logits, merge, parity_batch
+from adaptune.loading import load_artifact
+from adaptune.merge import logits, merge
 from adaptune.methods import registry
 from adaptune.methods.registry import get_method, list_methods
 from adaptune.recipe import load_recipe
@@ -68,7 +70,7 @@ def merged(runs, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def images():
-    return parity_batch(32)
+    return InputSpec(shape=(3, 32, 32)).example(4)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +119,7 @@ def test_merge_parity_form_and_manifest(method, runs, merged, images, reference)
     assert manifest["form"] == report["form"] and manifest["method"]["name"] == method
     assert manifest["backbone"]["model"] == "test_vit" and manifest["num_classes"] == NUM_CLASSES
     assert manifest["recipe"]["method"]["name"] == method and manifest["adaptune_version"]
-    assert manifest["format_version"] == 1 and manifest["merge"]["max_abs_diff"] == report["max_abs_diff"]
+    assert manifest["format_version"] == 2 and manifest["merge"]["max_abs_diff"] == report["max_abs_diff"]
     assert bool(manifest["extra_modules"]) == (report["form"] == "merged")
     reloaded = load_artifact(path)
     assert reloaded.manifest["form"] == report["form"]
@@ -198,9 +200,9 @@ def test_onnx_parity_with_dynamic_batch(method, runs, merged, tmp_path, images, 
     manifest = json.loads({p.key: p.value for p in proto.metadata_props}["adaptune"])
     assert manifest["format"] == "onnx" and manifest["method"]["name"] == method
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])  # batch 4: neither traced nor checked
+    got = torch.from_numpy(session.run(None, {"inputs": images.numpy()})[0])  # batch 4: neither traced nor checked
     torch.testing.assert_close(got, reference[method], atol=report["tolerance"], rtol=0)
-    assert session.run(None, {"images": images[:1].numpy()})[0].shape == (1, NUM_CLASSES)
+    assert session.run(None, {"inputs": images[:1].numpy()})[0].shape == (1, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("method", EXPORT_FAST)
@@ -255,8 +257,9 @@ def test_export_cli(runs, tmp_path):
     assert result.exit_code == 0, result.output
     assert "largest logit difference" in result.stdout and out.is_file()
     result = runner.invoke(app, ["export", str(runs["mosa"]), "--format", "tflite", "--out", str(tmp_path / "m")])
-    assert result.exit_code == 2 and "--format: expected one of timm, onnx, exported-program, peft" in one_error_line(
-        result
+    assert (
+        result.exit_code == 2
+        and "--format: unknown format 'tflite'; use one of exported-program, onnx, peft, timm" in one_error_line(result)
     )
 
 
@@ -390,9 +393,9 @@ def test_bad_merged_file(damage, merged, tmp_path):
 def test_newer_run_manifest(runs, tmp_path):
     run = copy_run(runs["lora"], tmp_path)
     config = json.loads((run / "adapter_config.json").read_text())
-    (run / "adapter_config.json").write_text(json.dumps({**config, "format_version": 2}))
+    (run / "adapter_config.json").write_text(json.dumps({**config, "format_version": 3}))
     result = runner.invoke(app, ["merge", str(run), "--out", str(tmp_path / "m.safetensors")])
-    assert result.exit_code == 2 and "format_version 2 is newer than this adaptune" in one_error_line(result)
+    assert result.exit_code == 2 and "format_version 3 is newer than this adaptune" in one_error_line(result)
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -425,6 +428,6 @@ def test_output_in_a_missing_directory(args, runs, tmp_path):
 def test_existing_export_directory_is_not_overwritten(runs, tmp_path):
     (tmp_path / "exported").mkdir()
     (tmp_path / "exported" / "keep.txt").write_text("mine")
-    with pytest.raises(ArtifactError, match="already exists; remove it or choose a new directory name"):
+    with pytest.raises(ArtifactError, match="already exists; choose another name, or pass --overwrite to replace it"):
         export(runs["lora"], "timm", tmp_path / "exported")
     assert [p.name for p in (tmp_path / "exported").iterdir()] == ["keep.txt"]

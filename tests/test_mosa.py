@@ -16,6 +16,7 @@ from conftest import tiny_backbone
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adaptune.batch import Batch
 from adaptune.errors import RecipeError, TargetError
 from adaptune.methods.adapter import AdapterBlock, AdapterConfig
 from adaptune.methods.lora import LoRAConfig
@@ -349,7 +350,7 @@ def test_consolidated_mosa_has_the_structure_of_adapter(share, style):
     cfg = method_config("mosa", share=share, style=style)
     model = injected("mosa", cfg)
     get_method("mosa").consolidate(model)
-    assert not list(split_modules(model)) and not hasattr(model, "mosa_options")
+    assert not list(split_modules(model))
     adapter_cfg = AdapterConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(AdapterConfig)})
     plain = injected("adapter", adapter_cfg)
     assert structure(model) == structure(plain)
@@ -471,7 +472,9 @@ def test_training_loss_is_ce_plus_consistency_over_one_doubled_forward(deepreg, 
     model.train()
     twin = copy.deepcopy(model)
     targets = torch.tensor([0, 1, 2])
-    loss, logits = get_method("mosa").training_loss(model, images, targets, F.cross_entropy)
+    out = get_method("mosa").training_loss(model, cfg, Batch(images, targets), F.cross_entropy)
+    loss, logits = out.total, out.logits
+    assert set(out.terms) == ({"ce", "kl", "deepreg"} if deepreg else {"ce", "kl"})
 
     outs: list[torch.Tensor] = []
     handles = [b.register_forward_hook(lambda m, a, o: outs.append(o)) for b in twin.blocks[:3]]  # first 3 of 6
@@ -489,12 +492,15 @@ def test_training_loss_is_ce_plus_consistency_over_one_doubled_forward(deepreg, 
 
 
 def test_training_loss_with_zero_weight_is_one_plain_pass(images):
-    model = injected("mosa", method_config("mosa", consistency_weight=0.0, dropout=0.0))
+    cfg = method_config("mosa", consistency_weight=0.0, dropout=0.0)
+    model = injected("mosa", cfg)
     perturb(model)
     model.train()
     twin = copy.deepcopy(model)
     targets = torch.tensor([0, 1, 2])
-    loss, logits = get_method("mosa").training_loss(model, images, targets, F.cross_entropy)
+    out = get_method("mosa").training_loss(model, cfg, Batch(images, targets), F.cross_entropy)
+    loss, logits = out.total, out.logits
+    assert set(out.terms) == {"ce"}
     z = twin(images)
     torch.testing.assert_close(logits, z)
     torch.testing.assert_close(loss, F.cross_entropy(z, targets))
@@ -513,7 +519,7 @@ def test_shipped_recipes_validate():
     assert m.consistency_weight == 1.0 and (m.style, m.norm, m.activation) == ("adaptformer", True, "gelu")
     t, d = vtab.train, vtab.data
     assert (t.lr, t.weight_decay, t.batch_size, t.epochs, t.warmup_epochs, t.seed) == (5e-3, 0.01, 128, 100, 10, 3407)
-    assert (d.source, d.root, d.task, d.train_split, d.test_split) == (
+    assert (d.source, d.options.root, d.options.task, d.train_split, d.test_split) == (
         "vtab",
         "data/vtab-1k",
         "cifar",

@@ -26,8 +26,7 @@ backbone:
 method:
   name: linear
 data:
-  source: builtin
-  name: synthetic
+  source: synthetic
 train:
   epochs: 1
   lr: 1e-3
@@ -50,22 +49,22 @@ def test_shipped_recipes_exist():
 def test_good_recipe_and_defaults(tmp_path):
     r = load_recipe(write(tmp_path, GOOD))
     assert r.train.lr == 1e-3 and isinstance(r.train.lr, float)  # YAML reads 1e-3 as a string; we accept it
-    assert r.method_name == "linear" and r.data.name == "synthetic" and r.name == "r"
+    assert r.method_name == "linear" and r.data.source == "synthetic" and r.name == "r"
 
 
 def test_errors_are_collected_with_file_line_and_key(tmp_path):
-    text = GOOD.replace("  epochs: 1", "  epochs: -3\n  lrr: 0.1").replace("source: builtin", "source: bultin")
+    text = GOOD.replace("  epochs: 1", "  epochs: -3\n  lrr: 0.1").replace("source: synthetic", "source: synthetc")
     with pytest.raises(RecipeError) as e:
         load_recipe(write(tmp_path, text))
     problems = e.value.problems
     assert len(problems) == 3
     path = str(tmp_path / "r.yaml")
     assert (
-        f"{path}:7: data.source: expected one of 'builtin', 'vtab', 'folder', got 'bultin'; did you mean 'builtin'?"
-        in problems
+        f"{path}:7: data.source: unknown data source 'synthetc'; did you mean 'synthetic'? "
+        "(available: builtin, folder, synthetic, vtab)" in problems
     )
-    assert f"{path}:10: train.epochs: expected a value >= 1, got -3" in problems
-    assert any(p.startswith(f"{path}:11: train.lrr: unknown key; did you mean 'lr'") for p in problems)
+    assert f"{path}:9: train.epochs: expected a value >= 1, got -3" in problems
+    assert any(p.startswith(f"{path}:10: train.lrr: unknown key; did you mean 'lr'") for p in problems)
 
 
 @pytest.mark.parametrize(
@@ -73,13 +72,13 @@ def test_errors_are_collected_with_file_line_and_key(tmp_path):
     [
         (
             GOOD.replace("img_size: 32", "img_size: big"),
-            r"r\.yaml:3: backbone\.img_size: expected an integer or null, got str 'big'",
+            r"r\.yaml:3: backbone\.img_size: expected an integer or \[an integer, an integer\] or null, got str 'big'",
         ),
         (
             GOOD.replace("name: linear", "name: lorra"),
             r"r\.yaml:5: method\.name: unknown method 'lorra'; did you mean 'lora'",
         ),
-        (GOOD + "optimiser: {}\n", r"r\.yaml:12: optimiser: unknown section"),
+        (GOOD + "optimiser: {}\n", r"r\.yaml:11: optimiser: unknown section"),
         (GOOD.replace("method:\n  name: linear\n", ""), r"method: missing; add `method: \{name: adapter\}`"),
         ("backbone: [1, 2\n", r"r\.yaml:\d+: invalid YAML"),
         (GOOD.replace("  name: linear", "  name: linear\n  rank: 4"), r"r\.yaml:6: method\.rank: unknown key"),
@@ -98,7 +97,7 @@ def test_missing_recipe_file(tmp_path):
 def test_overrides_go_through_the_validator(tmp_path):
     path = write(tmp_path, GOOD)
     r = load_recipe(path, ["train.lr=5e-3", "train.epochs=4", "data.synthetic.num_classes=7"])
-    assert (r.train.lr, r.train.epochs, r.data.synthetic.num_classes) == (5e-3, 4, 7)
+    assert (r.train.lr, r.train.epochs, r.data.options.num_classes) == (5e-3, 4, 7)
     with pytest.raises(RecipeError, match=r"--set train\.epochs: train\.epochs: expected a value >= 1, got 0"):
         load_recipe(path, ["train.epochs=0"])
     with pytest.raises(RecipeError, match=r"--set lr: keys start with a section"):

@@ -56,7 +56,12 @@ def recipe_path(tmp_path: Path) -> Path:
         "name": "tiny",
         "backbone": {"model": "test_vit", "img_size": 32},
         "method": {"name": "lora", "rank": 2},
-        "data": {"source": "vtab", "root": str(make_vtab_root(tmp_path / "vtab")), "val_split": "val", "cache": True},
+        "data": {
+            "source": "vtab",
+            "vtab": {"root": str(make_vtab_root(tmp_path / "vtab"))},
+            "val_split": "val",
+            "cache": True,
+        },
         "train": {"epochs": 1, "batch_size": 4, "warmup_epochs": 0.0, "log_every": 1000},
     }
     path = tmp_path / "tiny.yaml"
@@ -78,7 +83,7 @@ def test_sweep_engine_runs_reuses_and_resumes(recipe_path: Path, tmp_path: Path)
     for row, task in zip(results["tasks"], TASKS):
         summary = json.loads((out / task / "summary.json").read_text())
         assert row["test_top1_best"] == summary["test_top1_best"] and row["trainable_params"] > 0
-        assert yaml.safe_load((out / task / "recipe.yaml").read_text())["data"]["task"] == task
+        assert yaml.safe_load((out / task / "recipe.yaml").read_text())["data"]["vtab"]["task"] == task
     assert json.loads((out / "results.json").read_text()) == results
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -114,11 +119,11 @@ def test_sweep_refuses_unusable_or_foreign_task_dirs(recipe_path: Path, tmp_path
 
 
 def test_sweep_checks_every_task_before_training(recipe_path: Path, tmp_path: Path):
-    with pytest.raises(DataError, match="data.task: no folder 'cifar'"):
+    with pytest.raises(DataError, match="data.vtab.task: no folder 'cifar'"):
         sweep(recipe_path, ["shapes,cifar"], [], tmp_path / "sweep")
     assert not (tmp_path / "sweep" / "shapes").exists()
     with pytest.raises(RecipeError, match="a sweep runs VTAB-1k tasks; set it to vtab"):
-        sweep(recipe_path, ["shapes"], ["data.source=folder"], tmp_path / "sweep")
+        sweep(recipe_path, ["shapes"], ["data.source=folder", "data.vtab=null"], tmp_path / "sweep")
 
 
 def test_interrupt_propagates_with_a_sweep_hint(recipe_path: Path, tmp_path: Path, monkeypatch):

@@ -27,7 +27,7 @@ def test_run_directory_contract(tmp_path):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "last" / "trainer_state.pt").is_file()
     manifest = json.loads((run / "adapter_config.json").read_text())
-    assert manifest["format_version"] == 1 and manifest["method"]["name"] == "lora"
+    assert manifest["format_version"] == 2 and manifest["method"]["name"] == "lora"
     assert manifest["num_classes"] == 4 and len(manifest["class_names"]) == 4
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 8 and summary["test_top1_last"] is not None

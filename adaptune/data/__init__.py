@@ -1,22 +1,21 @@
-"""Data: datasets from the recipe's ``data`` section, turned into deterministic, normalised DataLoaders.
+"""Data: datasets from the recipe's ``data`` section, turned into deterministic, normalised DataLoaders of `Batch`es.
 
-Sources (``data.source``):
+Where the images come from is a registered data source (``data.source``; `adaptune.data.sources`): ``builtin``
+(datasets that need no download), ``synthetic`` (procedural classes for tests), ``vtab`` (NOAH's VTAB-1k list files),
+``folder`` (``root/{train,val,test}/<class>/<image>``).
 
-- ``builtin``: ``fashion-mnist-1k`` (a VTAB-1k-style task shipped with adaptune: 800 train, 200 val, 2,000 test
-  images of 10 classes) or ``synthetic`` (procedural classes for tests, sized by ``data.synthetic``);
-- ``vtab``: NOAH's VTAB-1k layout ``root/<task>/{train800,val200,train800val200,test}.txt``;
-- ``folder``: ``root/{train,val,test}/<class>/<image>``.
-
-Every loader yields ``(images float32 (B, 3, S, S), labels int64 (B,))``. Images are resized to ``img_size`` (no
-crop), kept in memory as uint8 when they fit (``data.cache``), and normalised per batch. Training order and flips
-depend only on ``(seed, epoch, sample index)``: see `EpochSampler`.
+Every loader yields a `Batch` whose ``inputs`` match the model's `InputSpec` (``input_spec``): images resized to
+``(H, W)`` (no crop), matched to the model's channels, normalised per batch. Decoded images are kept in memory as
+uint8 when they fit (``data.cache``). Training order and flips depend only on ``(seed, epoch, sample index)``: see
+`EpochSampler`.
 
 Example::
 
-    loaders = build_loaders(recipe.data, img_size=224, mean=mean, std=std, batch_size=64, eval_batch_size=128, seed=0)
+    spec = input_spec(model, recipe)
+    loaders = build_loaders(recipe.data, spec=spec, batch_size=64, eval_batch_size=128, seed=0)
     for epoch in range(epochs):
         loaders.train_sampler.set_epoch(epoch)
-        for images, labels in loaders.train:
+        for batch in loaders.train:
             ...
 """
 
@@ -24,16 +23,31 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from adaptune.batch import InputSpec
 from adaptune.data.pipeline import Collate, EpochSampler, ImageSplit, ShardSampler
 from adaptune.data.sources import Source, SplitData, open_source
-from adaptune.errors import DataError
-from adaptune.recipe import DataConfig
+from adaptune.errors import DataError, RecipeError
 
-__all__ = ["DatasetInfo", "EpochSampler", "Loaders", "build_eval_loader", "build_loaders", "describe", "normalization"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from adaptune.recipe import DataConfig, Recipe
+
+__all__ = [
+    "DatasetInfo",
+    "EpochSampler",
+    "Loaders",
+    "build_eval_loader",
+    "build_loaders",
+    "describe",
+    "input_spec",
+    "normalization",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +57,7 @@ NORMALIZATIONS = {
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-Triple = tuple[float, float, float]
+Floats = tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -106,13 +120,63 @@ def describe(cfg: DataConfig) -> DatasetInfo:
     return _info(cfg, open_source(cfg))
 
 
-def normalization(normalize: str, mean: Triple, std: Triple) -> tuple[Triple, Triple]:
-    """The (mean, std) for ``data.normalize``: ``model`` returns the given backbone values, the others are fixed."""
-    if normalize == "model":
-        return mean, std
-    if normalize not in NORMALIZATIONS:
-        raise DataError(f"data.normalize: unknown {normalize!r}; use model, imagenet, inception or none")
-    return NORMALIZATIONS[normalize]
+def normalization(normalize: str, mean: Floats, std: Floats, channels: int = 3) -> tuple[Floats, Floats]:
+    """The (mean, std) for ``data.normalize``, one value per input channel.
+
+    ``model`` returns the backbone's own values, the others are fixed RGB triples. For a 1-channel model the three
+    values are averaged (the luma of a gray image sees all three).
+    """
+    if normalize != "model":
+        if normalize not in NORMALIZATIONS:
+            raise DataError(f"data.normalize: unknown {normalize!r}; use model, imagenet, inception or none")
+        mean, std = NORMALIZATIONS[normalize]
+    if len(mean) != channels:
+        mean, std = (sum(mean) / len(mean),) * channels, (sum(std) / len(std),) * channels
+    return tuple(mean), tuple(std)
+
+
+def input_spec(model: nn.Module, recipe: Recipe) -> InputSpec:
+    """What the model takes and the data must deliver: ``(C, H, W)``, the normalisation and the interpolation.
+
+    The size is ``data.img_size``, else ``backbone.img_size``, else the model's own; the channels and normalisation come
+    from the model (``data.normalize: model``) or the recipe.
+
+    Raises:
+        RecipeError: ``data.img_size`` does not fit a model built for a fixed size (ViT without dynamic size), or is
+            smaller than its patch size.
+    """
+    from adaptune.backbone import model_input
+
+    own = model_input(model)
+    size = _pair(recipe.data.img_size or recipe.backbone.img_size) or own.size
+    if own.fixed and size != own.size:
+        raise RecipeError(
+            [
+                f"{recipe.source}: data.img_size: {_show(size)} does not fit {recipe.backbone.model}, built for "
+                f"{_show(own.size)}; set backbone.img_size to the same size (or leave data.img_size unset)"
+            ]
+        )
+    if own.patch is not None and (size[0] < own.patch[0] or size[1] < own.patch[1]):
+        raise RecipeError(
+            [
+                f"{recipe.source}: data.img_size: {_show(size)} is smaller than {recipe.backbone.model}'s patch size "
+                f"{_show(own.patch)}; use at least {max(own.patch)}"
+            ]
+        )
+    mean, std = normalization(recipe.data.normalize, own.mean, own.std, own.channels)
+    return InputSpec(shape=(own.channels, *size), mean=mean, std=std, interpolation=recipe.data.interpolation)
+
+
+def _pair(size: int | tuple[int, ...] | None) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return size, size
+    return int(size[0]), int(size[1])
+
+
+def _show(size: tuple[int, int]) -> str:
+    return str(size[0]) if size[0] == size[1] else f"[{size[0]}, {size[1]}]"
 
 
 def _loader(
@@ -140,31 +204,29 @@ def _loader(
     )
 
 
-def _datasets(cfg: DataConfig, splits: dict[str, SplitData], img_size: int) -> dict[str, ImageSplit]:
+def _datasets(cfg: DataConfig, splits: dict[str, SplitData], size: tuple[int, int]) -> dict[str, ImageSplit]:
     """One `ImageSplit` per role; cached (train first) while the running total fits `CACHE_BUDGET_BYTES`."""
     used = 0
     out: dict[str, ImageSplit] = {}
     for role, split in splits.items():
-        need = ImageSplit.nbytes(split, img_size)
+        need = ImageSplit.nbytes(split, size)
         cache = cfg.cache and used + need <= CACHE_BUDGET_BYTES
         if cfg.cache and not cache:
-            log.info(
-                "data: %s split (%.1f GiB at %d px) exceeds the cache budget; decoding per batch",
+            log.warning(
+                "data: the %s split (%.1f GiB at %dx%d px) exceeds the cache budget; decoding per batch",
                 role,
                 need / 2**30,
-                img_size,
+                *size,
             )
         used += need if cache else 0
-        out[role] = ImageSplit(split, img_size, cfg.interpolation, cache=cache, shared=cfg.workers > 0)
+        out[role] = ImageSplit(split, size, cfg.interpolation, cache=cache, shared=cfg.workers > 0)
     return out
 
 
 def build_loaders(
     cfg: DataConfig,
     *,
-    img_size: int,
-    mean: Triple,
-    std: Triple,
+    spec: InputSpec,
     batch_size: int,
     eval_batch_size: int,
     seed: int,
@@ -181,9 +243,7 @@ def build_loaders(
 
     Args:
         cfg: The recipe's ``data`` section.
-        img_size: Square size every image is resized to.
-        mean: The backbone's per-channel mean, used when ``data.normalize`` is ``model``.
-        std: The backbone's per-channel std, used when ``data.normalize`` is ``model``.
+        spec: The model's input (`input_spec`): size, channels, normalisation.
         batch_size: Training images per batch on this rank.
         eval_batch_size: Images per validation / test batch.
         seed: Seed of the training order and flips.
@@ -198,8 +258,7 @@ def build_loaders(
     source = open_source(cfg)
     info = _info(cfg, source)
     splits = {role: source.load(split, key) for role, split, key in _roles(cfg)}
-    datasets = _datasets(cfg, splits, img_size)
-    mean, std = normalization(cfg.normalize, mean, std)
+    datasets = _datasets(cfg, splits, spec.size)
 
     sampler = EpochSampler(len(datasets["train"]), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if drop_last and sampler.num_samples < batch_size:
@@ -207,29 +266,25 @@ def build_loaders(
             f"train.batch_size: {batch_size} is larger than the {sampler.num_samples} training images per process "
             f"({cfg.train_split!r}); lower train.batch_size"
         )
-    collate = Collate(mean, std, flip_sampler=sampler if cfg.hflip else None)
+    collate = Collate(spec.mean, spec.std, spec.channels, flip_sampler=sampler if cfg.hflip else None)
     train = _loader(datasets["train"], sampler, batch_size, collate, cfg, pin_memory=pin_memory, drop_last=drop_last)
     evals: dict[str, DataLoader | None] = {"val": None, "test": None}
     for role in ("val", "test"):
         if role in datasets:
             shard = ShardSampler(len(datasets[role]), rank, world_size)
             evals[role] = _loader(
-                datasets[role], shard, eval_batch_size, Collate(mean, std), cfg, pin_memory=pin_memory
+                datasets[role], shard, eval_batch_size, Collate(spec.mean, spec.std, spec.channels), cfg, pin_memory
             )
     return Loaders(info=info, train=train, val=evals["val"], test=evals["test"], train_sampler=sampler)
 
 
-def build_eval_loader(
-    cfg: DataConfig, split: str, *, img_size: int, mean: Triple, std: Triple, batch_size: int
-) -> DataLoader:
+def build_eval_loader(cfg: DataConfig, split: str, *, spec: InputSpec, batch_size: int) -> DataLoader:
     """A loader over one whole split in dataset order, no flips (``adaptune eval --split``).
 
     Args:
         cfg: The recipe's ``data`` section.
         split: A split name as in the recipe (``train``, ``val``, ``test``, ``trainval``, or a VTAB list name).
-        img_size: Square size every image is resized to.
-        mean: The backbone's mean, used when ``data.normalize`` is ``model``.
-        std: The backbone's std, used when ``data.normalize`` is ``model``.
+        spec: The model's input (`input_spec`).
         batch_size: Images per batch.
 
     Raises:
@@ -239,6 +294,5 @@ def build_eval_loader(
     data = source.load(split, "--split")
     if len(data.labels) == 0:
         raise DataError(f"--split: split {split!r} holds no images; choose another split")
-    dataset = _datasets(cfg, {"eval": data}, img_size)["eval"]
-    mean, std = normalization(cfg.normalize, mean, std)
-    return _loader(dataset, ShardSampler(len(dataset)), batch_size, Collate(mean, std), cfg)
+    dataset = _datasets(cfg, {"eval": data}, spec.size)["eval"]
+    return _loader(dataset, ShardSampler(len(dataset)), batch_size, Collate(spec.mean, spec.std, spec.channels), cfg)

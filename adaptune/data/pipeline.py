@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from adaptune.data.sources import SplitData
+from adaptune.batch import Batch
+from adaptune.data.sources.registry import SplitData
 
 RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
@@ -38,42 +40,47 @@ def mix_seed(*values: int) -> int:
     return h >> 1
 
 
-def decode(split: SplitData, index: int, size: int, interpolation: str) -> torch.Tensor:
-    """Image ``index`` of ``split`` as uint8 (C, size, size); C is 1 for grayscale sources, else 3."""
+def decode(split: SplitData, index: int, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """Image ``index`` of ``split`` as uint8 (C, H, W) for ``size = (H, W)``; C is 1 for grayscale sources, else 3."""
     img = split.images.read(index)
-    if img.size != (size, size):
-        img = img.resize((size, size), RESAMPLE[interpolation])
+    h, w = size
+    if img.size != (w, h):  # PIL sizes are (width, height)
+        img = img.resize((w, h), RESAMPLE[interpolation])
     arr = torch.from_numpy(np.array(img, dtype=np.uint8))  # (S, S) or (S, S, 3)
     return arr[None] if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
 
 
 class ImageSplit(Dataset):
-    """A split as uint8 images of one size, optionally cached in memory.
+    """A split as uint8 images of one size ``(H, W)``, optionally cached in memory.
 
-    With ``cache``, a (N, C, S, S) uint8 tensor is filled as images are first requested (in shared memory when
+    With ``cache``, a (N, C, H, W) uint8 tensor is filled as images are first requested (in shared memory when
     ``shared``, so DataLoader workers fill one cache for every process); later epochs only index it. Without, each
-    batch is decoded on the spot. ``__getitems__`` returns ``(images uint8 (B, C, S, S), labels (B,), indices (B,))``.
+    batch is decoded on the spot. ``__getitems__`` returns ``(images uint8 (B, C, H, W), labels (B,), indices (B,),
+    task ids (B,) or None)``.
     """
 
-    def __init__(self, split: SplitData, size: int, interpolation: str, cache: bool = True, shared: bool = False):
+    def __init__(
+        self, split: SplitData, size: tuple[int, int], interpolation: str, cache: bool = True, shared: bool = False
+    ):
         self.split = split
         self.size = size
         self.interpolation = interpolation
         self.labels = torch.from_numpy(np.array(split.labels, dtype=np.int64))
+        self.task_ids = None if split.task_ids is None else torch.from_numpy(np.array(split.task_ids, dtype=np.int64))
         self.channels = split.images.channels
         self.store: torch.Tensor | None = None
         self.filled: torch.Tensor | None = None
         if cache:
-            self.store = torch.empty((len(self.labels), self.channels, size, size), dtype=torch.uint8)
+            self.store = torch.empty((len(self.labels), self.channels, *size), dtype=torch.uint8)
             self.filled = torch.zeros(len(self.labels), dtype=torch.bool)
             if shared:
                 self.store.share_memory_()
                 self.filled.share_memory_()
 
     @staticmethod
-    def nbytes(split: SplitData, size: int) -> int:
+    def nbytes(split: SplitData, size: tuple[int, int]) -> int:
         """Memory a cache of ``split`` at ``size`` would take."""
-        return len(split.labels) * split.images.channels * size * size
+        return len(split.labels) * split.images.channels * size[0] * size[1]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -82,19 +89,22 @@ class ImageSplit(Dataset):
         return decode(self.split, index, self.size, self.interpolation)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        images, labels, _ = self.__getitems__([index])
+        images, labels, _, _ = self.__getitems__([index])
         return images[0], int(labels[0])
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitems__(
+        self, indices: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         if self.store is None or self.filled is None:
-            images = torch.stack([self._decode(i) for i in indices])  # (B, C, S, S)
+            images = torch.stack([self._decode(i) for i in indices])  # (B, C, H, W)
         else:
             for i in torch.unique(idx[~self.filled[idx]]).tolist():
                 self.store[i] = self._decode(i)
                 self.filled[i] = True
-            images = torch.stack([self.store[i] for i in indices])  # (B, C, S, S), a copy; uint8 index_select is slow
-        return images, self.labels[idx], idx
+            images = torch.stack([self.store[i] for i in indices])  # (B, C, H, W), a copy; uint8 index_select is slow
+        task_ids = None if self.task_ids is None else self.task_ids[idx]
+        return images, self.labels[idx], idx, task_ids
 
 
 def _shard(order: list[int], rank: int, world_size: int, pad: bool) -> list[int]:
@@ -189,17 +199,35 @@ def flip_decisions(seed: int, epoch: int, size: int) -> torch.Tensor:
 
 
 class Collate:
-    """Turns a uint8 batch into ``(images float32 (B, 3, S, S), labels int64 (B,))``: flip, expand gray, normalise.
+    """Turns a uint8 batch into a `Batch` of float32 ``(B, C, H, W)`` inputs: flip, match channels, normalise.
 
-    ``x = (pixel / 255 - mean) / std``, computed as ``pixel * scale - shift`` per channel. With ``flip_sampler`` set,
-    horizontal flips follow `flip_decisions` for that sampler's epoch, read in the process that collates (a worker
-    holds a copy made when the loader's iterator starts, i.e. after `EpochSampler.set_epoch`).
+    ``x = (pixel / 255 - mean) / std``, computed as ``pixel * scale - shift`` per channel. Grayscale images are expanded
+    to a 3-channel model's input by broadcasting; RGB images feed a 1-channel model as their luma (ITU-R BT.601). With
+    ``flip_sampler`` set, horizontal flips follow `flip_decisions` for that sampler's epoch, read in the process that
+    collates (a worker holds a copy made when the loader's iterator starts, i.e. after `EpochSampler.set_epoch`).
+
+    Args:
+        mean: Per-channel mean, one value per model input channel.
+        std: Per-channel std, one value per model input channel.
+        channels: The model's input channels (1 or 3).
+        flip_sampler: The training sampler whose epoch decides the flips; None: no flips.
     """
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float], flip_sampler: EpochSampler | None = None):
-        std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    LUMA = (0.299, 0.587, 0.114)
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels: int = 3,
+        flip_sampler: EpochSampler | None = None,
+    ):
+        if len(mean) != channels or len(std) != channels:
+            raise ValueError(f"Collate: {channels} channels need as many mean/std values, got {len(mean)}/{len(std)}")
+        std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)
+        self.channels = channels
         self.scale = 1.0 / (255.0 * std_t)
-        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) / std_t
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1) / std_t
         self.flip_sampler = flip_sampler
         self._flips: tuple[int, torch.Tensor] | None = None
 
@@ -208,11 +236,16 @@ class Collate:
             self._flips = (sampler.epoch, flip_decisions(sampler.seed, sampler.epoch, sampler.size))
         return self._flips[1][idx]
 
-    def __call__(self, batch: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels, idx = batch  # from `ImageSplit.__getitems__`: (B, C, S, S) uint8, (B,), (B,)
+    def __call__(self, batch: Sequence[Any]) -> Batch:
+        images, labels, idx, task_ids = batch  # from `ImageSplit.__getitems__`: (B, C, H, W) uint8, (B,), (B,), (B,)
         if self.flip_sampler is not None:
             for i in self._flip_mask(self.flip_sampler, idx).nonzero().flatten().tolist():
                 images[i] = images[i].flip(-1)  # in place: `ImageSplit` returns a fresh batch
         x = images.to(torch.float32)
-        x = x.mul_(self.scale) if x.shape[1] == 3 else x * self.scale  # (B, 3, S, S); gray (B, 1, S, S) broadcasts
-        return x.sub_(self.shift), labels
+        if self.channels == 1 and x.shape[1] == 3:
+            x = torch.einsum("bchw,c->bhw", x, torch.tensor(self.LUMA)).unsqueeze(1)  # (B, 1, H, W)
+        if x.shape[1] == self.channels:
+            x = x.mul_(self.scale)
+        else:
+            x = x * self.scale  # gray (B, 1, H, W) broadcasts to (B, 3, H, W)
+        return Batch(inputs=x.sub_(self.shift), targets=labels, task_ids=task_ids, extras={"index": idx})

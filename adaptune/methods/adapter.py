@@ -18,9 +18,9 @@ timm's ViT ``Block`` with ``a(x) = drop_path1(ls1(attn(norm1(x))))`` and ``m(x) 
     post         o = block(x);  out = o + A(o)                       Adapter+: after the whole block
     parallel     out = block(x) + A(x)                               block level; input and output shapes must match
 
-The first three need a block with norm1/attn/norm2/mlp (timm ``Block``, ``ResPostBlock`` with its post-norm branches,
-``SwinTransformerBlock``); ``post`` and ``parallel`` wrap any module returning one tensor: ViT tokens ``(B, N, C)``,
-Swin ``(B, H, W, C)``, CNN blocks ``(B, C, H, W)``.
+The first three need a block whose family (`adaptune.families`) knows its attention and MLP branches (timm
+``Block``, ``ResPostBlock`` with its post-norm branches, ``SwinTransformerBlock``); ``post`` and ``parallel`` wrap any
+module returning one tensor: ViT tokens ``(B, N, C)``, Swin ``(B, H, W, C)``, CNN blocks ``(B, C, H, W)``.
 
 Two registered names share this code: ``adapter`` (identity at init: LoRA-style init with ``up`` = 0) and
 ``adapter_plus`` (the Adapter+ configuration: post placement, per-channel scale, Houlsby init, drop-path 0.1).
@@ -46,10 +46,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from adaptune.config import opt, with_defaults
 from adaptune.methods.adapter_blocks import STYLES, SUBBLOCK_STYLES, check_style, resolve_targets, sub_block_branches
 from adaptune.methods.common import replace_module
 from adaptune.methods.registry import MethodSpec, register
-from adaptune.recipe import opt
 
 Style = Literal["adaptformer", "pfeiffer", "houlsby", "post", "parallel"]
 Activation = Literal["relu", "gelu", "silu", "quick_gelu", "identity"]
@@ -103,23 +103,18 @@ class AdapterConfig:
             raise ValueError(f"targets: 'auto' cannot be combined with globs, got {list(self.targets)}; use one")
 
 
-@dataclass(frozen=True)
-class AdapterPlusConfig(AdapterConfig):
-    """Options of ``method: {name: adapter_plus}``: the same fields, with Adapter+'s values as defaults.
+AdapterPlusConfig = with_defaults(
+    AdapterConfig,
+    "AdapterPlusConfig",
+    doc="""Options of ``method: {name: adapter_plus}``: `AdapterConfig`'s fields with Adapter+'s values as defaults.
 
     Adapter+ (``conf/adapter/adapter_plus.yaml``): post placement, r = 8, GELU, no dropout, per-channel scale, no
     adapter LayerNorm, Houlsby init (so not identity at init), biases, adapter drop-path 0.1.
-    """
-
-    style: Style = opt("post", _HELP["style"])
-    bottleneck: int = opt(8, _HELP["bottleneck"], ge=1)
-    activation: Activation = opt("gelu", _HELP["activation"])
-    dropout: float = opt(0.0, _HELP["dropout"], ge=0.0, lt=1.0)
-    scale: Scale = opt("channel", _HELP["scale"])
-    norm: bool = opt(False, _HELP["norm"])
-    init: Init = opt("houlsby", _HELP["init"])
-    bias: bool = opt(True, _HELP["bias"])
-    drop_path: float = opt(0.1, _HELP["drop_path"], ge=0.0, lt=1.0)
+    """,
+    scale="channel",
+    init="houlsby",
+    drop_path=0.1,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------------

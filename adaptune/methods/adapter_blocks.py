@@ -1,12 +1,12 @@
-"""What `adapter` needs to know about timm blocks: which ones `targets: auto` picks, how a transformer block splits into
-its attention and MLP sub-blocks, and each target's channel count and tensor layout (found by one dummy forward).
+"""Where block-level methods go: `targets: auto` (the registered backbone families' blocks), which placements a block
+supports, and each target's channel count and tensor layout (found by one dummy forward).
 
-Kept apart from `adaptune.methods.adapter` so other bottleneck-style methods (MoSA) reuse it by calling it.
+Which classes are blocks and where their branches are lives in `adaptune.families`; this module only asks it. Kept apart
+from `adaptune.methods.adapter` so other block-level methods (MoSA, Adapter-X) reuse it by calling it.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,89 +14,23 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptune.backbone import model_input
 from adaptune.errors import TargetError
+from adaptune.families import auto_block_classes, describe_classes, family_of
+from adaptune.families.registry import AttnBranch, MlpBranch
 from adaptune.methods.common import adapter_modules, match_targets
 
-SUBBLOCK_STYLES = ("adaptformer", "pfeiffer", "houlsby")  # need norm1/attn/norm2/mlp
+SUBBLOCK_STYLES = ("adaptformer", "pfeiffer", "houlsby")  # need the block's attention and MLP branches
 ANY_BLOCK_STYLES = ("post", "parallel")  # work on any module whose output is one tensor
 STYLES = (*SUBBLOCK_STYLES, *ANY_BLOCK_STYLES)
 
-# attn(block, x, args, kwargs) / mlp(block, x) -> the sub-block's output before its residual add
-AttnBranch = Callable[[Any, torch.Tensor, tuple[Any, ...], dict[str, Any]], torch.Tensor]
-MlpBranch = Callable[[Any, torch.Tensor], torch.Tensor]
-
-
-@functools.cache
-def auto_block_classes() -> tuple[type, ...]:
-    """The repeated residual blocks `targets: auto` adapts: timm's ViT/DeiT, Swin, ConvNeXt, EfficientNet, ResNet."""
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, EdgeResidual, InvertedResidual
-    from timm.models.convnext import ConvNeXtBlock
-    from timm.models.resnet import BasicBlock, Bottleneck
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.vision_transformer import Block, ResPostBlock
-
-    return (
-        Block,
-        ResPostBlock,
-        SwinTransformerBlock,
-        ConvNeXtBlock,
-        InvertedResidual,
-        DepthwiseSeparableConv,
-        EdgeResidual,
-        Bottleneck,
-        BasicBlock,
-    )
-
-
-# Sub-block branches, written against each class's own forward (timm 1.0):
-#   Block:                x1 = x + drop_path1(ls1(attn(norm1(x))));  out = x1 + drop_path2(ls2(mlp(norm2(x1))))
-#   ResPostBlock:         x1 = x + drop_path1(norm1(attn(x)));       out = x1 + drop_path2(norm2(mlp(x1)))
-#   SwinTransformerBlock: x1 = x + drop_path1(_attn(norm1(x)));      out = x1 + drop_path2(mlp(norm2(x1)))
-# (Swin's forward flattens (B, H, W, C) to (B, H*W, C) around the MLP; the MLP is per token, so this is the same.)
-
-
-def _vit_attn(b: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return b.drop_path1(b.ls1(b.attn(b.norm1(x), *args, **kwargs)))
-
-
-def _vit_mlp(b: Any, x: torch.Tensor) -> torch.Tensor:
-    return b.drop_path2(b.ls2(b.mlp(b.norm2(x))))
-
-
-def _respost_attn(b: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return b.drop_path1(b.norm1(b.attn(x, *args, **kwargs)))
-
-
-def _respost_mlp(b: Any, x: torch.Tensor) -> torch.Tensor:
-    return b.drop_path2(b.norm2(b.mlp(x)))
-
-
-def _swin_attn(b: Any, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    return b.drop_path1(b._attn(b.norm1(x)))
-
-
-def _swin_mlp(b: Any, x: torch.Tensor) -> torch.Tensor:
-    return b.drop_path2(b.mlp(b.norm2(x)))
-
-
-@functools.cache
-def _branch_table() -> dict[type, tuple[AttnBranch, MlpBranch]]:
-    from timm.models.swin_transformer import SwinTransformerBlock
-    from timm.models.vision_transformer import Block, ResPostBlock
-
-    return {
-        Block: (_vit_attn, _vit_mlp),
-        ResPostBlock: (_respost_attn, _respost_mlp),
-        SwinTransformerBlock: (_swin_attn, _swin_mlp),
-    }
-
 
 def sub_block_branches(module: nn.Module) -> tuple[AttnBranch, MlpBranch] | None:
-    """(attention branch, MLP branch) of a supported transformer block, or None.
-
-    Matched on the exact class: a subclass may override ``forward``, and the branches must reproduce it.
-    """
-    return _branch_table().get(type(module))
+    """(attention branch, MLP branch) of a block whose family has sub-blocks (`adaptune.families`), or None."""
+    family = family_of(module)
+    if family is None or not family.has_sub_blocks:
+        return None
+    return family.attn, family.mlp  # type: ignore[return-value]
 
 
 def supported_styles(module: nn.Module) -> tuple[str, ...]:
@@ -111,8 +45,8 @@ def check_style(path: str, module: nn.Module, style: str) -> None:
     where = f"{path} ({type(module).__name__})" if path else type(module).__name__
     supported = " or ".join(supported_styles(module))
     raise TargetError(
-        f"method.style: {style!r} cannot adapt {where}: it needs a transformer block with norm1/attn/norm2/mlp "
-        f"(timm Block, ResPostBlock, SwinTransformerBlock); {where} supports style {supported}"
+        f"method.style: {style!r} cannot adapt {where}: it needs a transformer block with attention and MLP "
+        f"branches (timm Block, ResPostBlock, SwinTransformerBlock); {where} supports style {supported}"
     )
 
 
@@ -147,7 +81,7 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], style: str) -> lis
         if not paths:
             raise TargetError(
                 f"method.targets: 'auto' found no known residual block in {type(model).__name__} (known: "
-                f"{', '.join(k.__name__ for k in kinds)}); list module globs instead, e.g. targets: ['blocks.*']"
+                f"{describe_classes()}); list module globs instead, e.g. targets: ['blocks.*']"
             )
     else:
         paths = match_targets(model, targets)
@@ -158,8 +92,9 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], style: str) -> lis
     if unsupported and auto:
         p = unsupported[0]
         raise TargetError(
-            f"method.style: {style!r} needs transformer blocks with norm1/attn/norm2/mlp, but {type(model).__name__}'s "
-            f"blocks are {type(modules[p]).__name__} (e.g. {p}); set method.style: post or parallel"
+            f"method.style: {style!r} needs transformer blocks with attention and MLP branches, but "
+            f"{type(model).__name__}'s blocks are {type(modules[p]).__name__} (e.g. {p}); set method.style: post or "
+            "parallel"
         )
     for p in unsupported:
         check_style(p, modules[p], style)
@@ -214,21 +149,6 @@ def channel_layout(path: str, shape: tuple[int, ...], model: nn.Module) -> tuple
     raise TargetError(f"method.targets: {path} outputs a rank-{len(shape)} tensor {_fmt(shape)}; target rank 2-4")
 
 
-def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) the model takes: the patch embedding's fixed size (ViT, Swin), else ``pretrained_cfg['input_size']``.
-
-    ``img_size=`` changes the patch embedding but not ``pretrained_cfg``, so the patch embedding comes first.
-    """
-    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    chans = first_conv.in_channels if first_conv is not None else int(cfg_size[0])
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size is not None:
-        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-        return chans, int(h), int(w)
-    return chans, int(cfg_size[1]), int(cfg_size[2])
-
-
 def probe_shapes(model: nn.Module, paths: Sequence[str]) -> dict[str, tuple[tuple[int, ...] | None, tuple[int, ...]]]:
     """(input shape, output shape) of each module in ``paths`` from one forward of a zero batch of 1.
 
@@ -255,7 +175,8 @@ def probe_shapes(model: nn.Module, paths: Sequence[str]) -> dict[str, tuple[tupl
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros((1, *input_size(model)), device=device, dtype=dtype))
+            own = model_input(model)
+            model(torch.zeros((1, own.channels, *own.size), device=device, dtype=dtype))
     finally:
         for h in handles:
             h.remove()

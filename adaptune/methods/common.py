@@ -58,3 +58,46 @@ def adapter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 def own_state_keys(module: nn.Module) -> list[str]:
     """Keys of ``module.state_dict()`` that belong to the adapter itself, not to the wrapped ``base``."""
     return [k for k in module.state_dict() if not k.startswith("base.")]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# modules shared by several wrappers
+
+SHARED_ATTR = "adaptune_shared"
+
+
+class SharedModules(nn.ModuleDict):
+    """Modules that several wrappers use (Adapter-X's expert pool, FacT's factors), held once at the model's root.
+
+    A method puts each shared module here with `share`; its wrappers keep a plain reference (`SharedRef`), not a
+    registered child, so ``state_dict()``, checkpoints and merged files hold each shared tensor exactly once (under
+    ``adaptune_shared.<name>.``), DDP sees each parameter once, and ``model.to()`` moves it with the model.
+    """
+
+    def adapter_param_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.named_parameters())
+
+
+def share(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """Register ``module`` once at the root of ``model`` as ``adaptune_shared.<name>``; return it."""
+    container = getattr(model, SHARED_ATTR, None)
+    if container is None:
+        container = SharedModules()
+        model.add_module(SHARED_ATTR, container)
+    if name in container:
+        raise ValueError(f"shared module {name!r} is already registered; inject once")
+    container[name] = module
+    return module
+
+
+class SharedRef:
+    """A reference to a shared module that does not register it as a child: ``self.pool = SharedRef(pool)``, then
+    ``self.pool()`` returns the module. Deep copies keep the sharing (``copy.deepcopy`` memoises the module)."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        return self.module

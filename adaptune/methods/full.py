@@ -15,9 +15,13 @@ class FullConfig:
 
 
 def inject(model: nn.Module, cfg: FullConfig) -> list[str]:
-    """Unfreeze the whole backbone."""
-    model.requires_grad_(True)
+    """Add nothing; `trainable_backbone` names every parameter."""
     return [""]
+
+
+def trainable_backbone(model: nn.Module, cfg: FullConfig) -> list[str]:
+    """Every parameter of the backbone."""
+    return [name for name, _ in model.named_parameters()]
 
 
 register(
@@ -26,7 +30,7 @@ register(
         summary="full fine-tuning: every backbone parameter trains",
         config_cls=FullConfig,
         inject=inject,
+        trainable_backbone=trainable_backbone,
         fold=lambda model: None,
-        trains_backbone=True,
     )
 )

@@ -30,10 +30,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from adaptune.config import opt
 from adaptune.errors import TargetError
 from adaptune.methods.common import adapter_modules, match_targets, replace_module
 from adaptune.methods.registry import MethodSpec, register
-from adaptune.recipe import opt
 
 QKV = ("q", "k", "v")
 

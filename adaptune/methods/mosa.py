@@ -68,19 +68,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adaptune.methods import adapter, lora
-from adaptune.methods.adapter import AdapterBlock, AdapterConfig, BottleneckAdapter, Scale, Style
+import adaptune.methods.adapter as adapter
+import adaptune.methods.lora as lora
+from adaptune.batch import Batch, Loss
+from adaptune.config import opt, with_defaults
+from adaptune.methods.adapter import AdapterBlock, AdapterConfig, BottleneckAdapter
 from adaptune.methods.lora import LoRAConfig
 from adaptune.methods.mosa_split import MAX_EXPERTS, consolidate_splits, mosa_groups, split_module
 from adaptune.methods.registry import LossFn, MethodSpec, register
-from adaptune.recipe import opt
-
-
-def _adapter_opt(name: str, default: Any) -> Any:
-    """`AdapterConfig`'s field ``name`` (help and range checks) with another default."""
-    meta = dict(AdapterConfig.__dataclass_fields__[name].metadata)
-    return opt(default, meta.pop("help"), **meta)
-
 
 _MOSA_HELP = {
     "num_experts": "N: sparse modules each split projection is partitioned into (reference EXPERT_NUM)",
@@ -90,8 +85,13 @@ _MOSA_HELP = {
 }
 
 
+_MoSAAdapterConfig = with_defaults(
+    AdapterConfig, "_MoSAAdapterConfig", style="adaptformer", bottleneck=16, dropout=0.1, scale=0.1, norm=True
+)
+
+
 @dataclass(frozen=True)
-class MoSAConfig(AdapterConfig):
+class MoSAConfig(_MoSAAdapterConfig):
     """Options of ``method: {name: mosa}``: every `AdapterConfig` field, with MoSA's values as defaults, plus the split.
 
     Defaults from the released VTAB scripts (spec §2.9): AdaptFormer style with the extra trainable adapter LayerNorm,
@@ -99,11 +99,6 @@ class MoSAConfig(AdapterConfig):
     (GELU, lora init and biases are `AdapterConfig`'s defaults too.)
     """
 
-    style: Style = _adapter_opt("style", "adaptformer")
-    bottleneck: int = _adapter_opt("bottleneck", 16)
-    dropout: float = _adapter_opt("dropout", 0.1)
-    scale: Scale = _adapter_opt("scale", 0.1)
-    norm: bool = _adapter_opt("norm", True)
     num_experts: int = opt(4, _MOSA_HELP["num_experts"], ge=1, le=MAX_EXPERTS)
     share: Literal["down", "up", "none"] = opt(
         "down", "projection that stays dense and shared by all experts; the other is split (`none`: both split)"
@@ -132,14 +127,6 @@ class MoSALoRAConfig(LoRAConfig):
     )
     consistency_weight: float = opt(1.0, _MOSA_HELP["consistency_weight"], ge=0.0)
     seed: int | None = opt(None, _MOSA_HELP["seed"])
-
-
-@dataclass(frozen=True)
-class MoSAOptions:
-    """What `training_loss` needs, kept on the model by inject (``model.mosa_options``)."""
-
-    consistency_weight: float
-    deepreg: bool
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,9 +193,7 @@ def inject(model: nn.Module, cfg: MoSAConfig) -> list[str]:
             split(a, child, child).requires_grad_(True)
         return a
 
-    paths = adapter.inject(model, cfg, make_adapter)
-    model.mosa_options = MoSAOptions(cfg.consistency_weight, cfg.deepreg)
-    return paths
+    return adapter.inject(model, cfg, make_adapter)
 
 
 def inject_lora(model: nn.Module, cfg: MoSALoRAConfig) -> list[str]:
@@ -228,7 +213,6 @@ def inject_lora(model: nn.Module, cfg: MoSALoRAConfig) -> list[str]:
         for key, pair in wrapper.pairs.items():
             for child in names:
                 split(pair, child, f"{path}.pairs.{key}.{child}").requires_grad_(True)
-    model.mosa_options = MoSAOptions(cfg.consistency_weight, deepreg=False)
     return paths
 
 
@@ -236,41 +220,35 @@ def inject_lora(model: nn.Module, cfg: MoSALoRAConfig) -> list[str]:
 # loop hook, consolidate, fold
 
 
-def _options(model: nn.Module) -> MoSAOptions | None:
-    """The options inject stored, found through wrappers (DDP, torch.compile) as well."""
-    return next((o for m in model.modules() if (o := getattr(m, "mosa_options", None)) is not None), None)
-
-
-def training_loss(
-    model: nn.Module, images: torch.Tensor, targets: torch.Tensor, loss_fn: LossFn
-) -> tuple[torch.Tensor, torch.Tensor]:
+def training_loss(model: nn.Module, cfg: MoSAConfig | MoSALoRAConfig, batch: Batch, loss_fn: LossFn) -> Loss:
     """MoSA's training loss (module docstring): one forward of the doubled batch in groups mode, CE on pass 1 plus
     λ · symmetric KL (plus deepreg). With λ = 0 it is one plain pass.
 
     Returns:
-        (loss, logits of pass 1).
+        `Loss` with terms ``ce``, ``kl`` (and ``deepreg``); its logits are those of pass 1.
     """
-    opts = _options(model)
-    weight = opts.consistency_weight if opts is not None else 0.0
+    weight = cfg.consistency_weight
     if weight == 0.0:
-        logits = model(images)
-        return loss_fn(logits, targets), logits
+        logits = model(batch.inputs)
+        ce = loss_fn(logits, batch.targets)
+        return Loss(ce, logits, {"ce": ce})
 
-    blocks = [m for m in model.modules() if isinstance(m, AdapterBlock)] if opts.deepreg else []
+    blocks = [m for m in model.modules() if isinstance(m, AdapterBlock)] if getattr(cfg, "deepreg", False) else []
     hooked = blocks[: max(1, len(blocks) // 2)] if blocks else []
     outputs: list[torch.Tensor] = []
     handles = [b.register_forward_hook(lambda m, a, out: outputs.append(out)) for b in hooked]
     try:
         with mosa_groups(model, 2):
-            logits = model(torch.cat([images, images]))  # (2B, classes): pass 1, pass 2
+            logits = model(torch.cat([batch.inputs, batch.inputs]))  # (2B, classes): pass 1, pass 2
     finally:
         for h in handles:
             h.remove()
     z1, z2 = logits.chunk(2)
-    loss = loss_fn(z1, targets) + weight * symmetric_kl(z1, z2)
+    ce = loss_fn(z1, batch.targets)
+    terms = {"ce": ce, "kl": weight * symmetric_kl(z1, z2)}
     if outputs:
-        loss = loss + weight * deepreg_loss(outputs, len(blocks))
-    return loss, z1
+        terms["deepreg"] = weight * deepreg_loss(outputs, len(blocks))
+    return Loss(sum(terms.values()), z1, terms)
 
 
 def consolidate(model: nn.Module) -> None:
@@ -280,9 +258,6 @@ def consolidate(model: nn.Module) -> None:
     a ``mosa_lora`` model that of ``lora``.
     """
     consolidate_splits(model)
-    for m in model.modules():
-        if "mosa_options" in m.__dict__:
-            del m.mosa_options
 
 
 def fold_lora(model: nn.Module) -> None:

@@ -1,13 +1,15 @@
 """The method registry: the only list of adapter methods.
 
-A method is one module under ``adaptune/methods/`` that calls `register(MethodSpec(...))` once at import time. The
-CLI's ``methods`` command, recipe validation, the README table and the conformance tests all iterate
-`list_methods()`; nothing else enumerates methods.
+A method is one module under ``adaptune/methods/`` that calls `register(MethodSpec(...))` once at import time, plus
+one import line in ``adaptune/methods/__init__.py``. The CLI's ``methods`` command, recipe validation, the README table
+and the conformance tests all iterate `list_methods()` (import it from ``adaptune.methods``, which loads every
+built-in method); nothing else enumerates methods.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -16,6 +18,8 @@ from adaptune.errors import UnknownMethodError, did_you_mean
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from adaptune.batch import Batch, Loss
 
 
 @runtime_checkable
@@ -41,33 +45,42 @@ class MethodSpec:
         summary: One line for ``adaptune methods`` and the README table.
         config_cls: Frozen dataclass of the method's options; validated with the recipe.
         inject: ``inject(model, cfg) -> list[str]`` wraps or adds modules in place on an unmodified, frozen timm
-            model and returns the module paths it touched. Afterwards exactly the method's parameters require grad
-            (the engine makes the classifier head trainable itself).
+            model and returns the module paths it touched. Afterwards exactly the method's own modules require grad;
+            the engine then makes the head and `trainable_backbone` trainable.
+        trainable_backbone: ``trainable_backbone(model, cfg) -> list[str]``: names (in the injected model) of backbone
+            parameters the method trains: BitFit's biases, Adapter-X's per-block norms and CLS token, everything for
+            ``full``. Checkpoints store them; ``None`` means none.
         consolidate: ``consolidate(model)`` turns training-time structure into deploy structure in place (MoSA:
             average the split experts). ``None`` means identity.
         fold: ``fold(model)`` folds a linear method into the backbone's own weights in place, so the model's
             ``state_dict`` has exactly the plain timm keys. ``None`` where the math does not allow it.
-        training_loss: ``training_loss(model, images, targets, loss_fn) -> (loss, logits)`` replaces the plain
-            ``loss_fn(model(images), targets)`` (MoSA's two-pass consistency). ``None`` means the plain loss.
+        forward: ``forward(model, cfg, batch) -> logits`` for methods whose forward needs more than ``batch.inputs``
+            (task ids). Used by training and evaluation; ``None`` means ``model(batch.inputs)``.
+        training_loss: ``training_loss(model, cfg, batch, loss_fn) -> Loss`` replaces the plain cross-entropy step
+            (MoSA's two-pass consistency, a mixture's load-balancing term); every term in ``Loss.terms`` is logged by
+            name. ``None`` means ``Loss(ce, logits, {"ce": ce})``.
+        diagnostics: ``diagnostics(model, cfg)`` returns a context manager that yields a dict, filled when the context
+            exits with what the method observed during the forwards inside it (Adapter-X: expert use per block).
+            Evaluation runs inside it; the dict goes into ``metrics.jsonl`` and ``adaptune eval``'s report, and each
+            string in its ``"warnings"`` list is logged. ``None``: nothing to report.
         identity_at_init: The untrained method leaves the backbone's outputs unchanged.
         merge_atol: Largest logit difference accepted between the unmerged and merged/folded model (fp32).
         find_unused_parameters: DDP must search for parameters that got no gradient in a step.
-        trains_backbone: The method makes backbone weights trainable (``full``), so checkpoints hold them.
     """
 
     name: str
     summary: str
     config_cls: type
     inject: Callable[[nn.Module, Any], list[str]]
+    trainable_backbone: Callable[[nn.Module, Any], list[str]] | None = None
     consolidate: Callable[[nn.Module], None] | None = None
     fold: Callable[[nn.Module], None] | None = None
-    training_loss: (
-        Callable[[nn.Module, torch.Tensor, torch.Tensor, LossFn], tuple[torch.Tensor, torch.Tensor]] | None
-    ) = None
+    forward: Callable[[nn.Module, Any, Batch], torch.Tensor] | None = None
+    training_loss: Callable[[nn.Module, Any, Batch, LossFn], Loss] | None = None
+    diagnostics: Callable[[nn.Module, Any], AbstractContextManager[dict[str, Any]]] | None = None
     identity_at_init: bool = True
     merge_atol: float = 1e-5
     find_unused_parameters: bool = False
-    trains_backbone: bool = False
 
     @property
     def foldable(self) -> bool:
@@ -85,9 +98,18 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+@contextmanager
+def registered(spec: MethodSpec) -> Iterator[MethodSpec]:
+    """Register ``spec`` for the duration of a ``with`` block (test-only methods)."""
+    register(spec)
+    try:
+        yield spec
+    finally:
+        _REGISTRY.pop(spec.name, None)
+
+
 def get_method(name: str) -> MethodSpec:
     """Look a method up by name; unknown names list the available ones."""
-    _load_builtin_methods()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -98,9 +120,11 @@ def get_method(name: str) -> MethodSpec:
 
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _load_builtin_methods()
     return sorted(_REGISTRY)
 
 
-def _load_builtin_methods() -> None:
-    import adaptune.methods  # noqa: F401  (each method module registers itself on import)
+def owners_of(option: str) -> list[str]:
+    """Registered methods whose config has a field ``option`` (for "unknown key" messages)."""
+    import dataclasses
+
+    return [n for n, s in sorted(_REGISTRY.items()) if option in {f.name for f in dataclasses.fields(s.config_cls)}]
