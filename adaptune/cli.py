@@ -346,21 +346,54 @@ def sweep(
 
 
 @app.command()
-def methods(json_: Json = False, debug: Debug = False) -> None:
-    """List the registered adapter methods."""
+def methods(
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            "--backbone", help="Also count each method's trainable parameters on this timm model (no weights)."
+        ),
+    ] = None,
+    json_: Json = False,
+    debug: Debug = False,
+) -> None:
+    """List the registered adapter methods.
+
+    Examples:
+      adaptune methods
+      adaptune methods --backbone vit_base_patch16_224
+    """
 
     def go() -> None:
         from adaptune.methods import get_method, list_methods
 
-        specs = [get_method(n) for n in list_methods()]
+        rows = [_method_row(get_method(n), backbone) for n in list_methods()]
         if json_:
-            print(json.dumps([{"name": s.name, "summary": s.summary, "foldable": s.foldable} for s in specs]))
+            print(json.dumps(rows))
             return
-        width = max(len(s.name) for s in specs)
-        for s in specs:
-            print(f"{s.name:<{width}}  {s.summary}")
+        width = max(len(r["name"]) for r in rows)
+        for r in rows:
+            count = "" if backbone is None else f"{r['params'] if r['params'] is not None else r['error']:>12}  "
+            if isinstance(r.get("params"), int):
+                count = f"{r['params']:>12,}  "
+            print(f"{r['name']:<{width}}  {count}{r['summary']}")
 
     _run(go, debug)
+
+
+def _method_row(spec: Any, backbone: str | None) -> dict[str, Any]:
+    """One row of ``adaptune methods``: name, summary, foldable, and with a backbone its parameter count."""
+    row: dict[str, Any] = {"name": spec.name, "summary": spec.summary, "foldable": spec.foldable}
+    if backbone is None:
+        return row
+    from adaptune.errors import AdaptuneError
+    from adaptune.loading import count_method_parameters
+
+    try:
+        counts = count_method_parameters(backbone, spec.name)
+        row.update(params=counts["method"], head_params=counts["head"], backbone_params=counts["total"])
+    except AdaptuneError as e:
+        row.update(params=None, error=f"n/a ({str(e).splitlines()[0][:60]})")
+    return row
 
 
 @app.command()

@@ -107,6 +107,38 @@ def build(recipe: Recipe) -> Built:
     return Built(model, get_method(recipe.method_name), touched, declared, info, spec, trainable, total)
 
 
+def count_method_parameters(model_name: str, method: str, num_classes: int = 10, **options: Any) -> dict[str, int]:
+    """Parameters method ``method`` (default options, or ``options``) trains on timm model ``model_name``, counted on
+    the meta device: no weights are downloaded or allocated.
+
+    Returns:
+        ``{"method": trainable parameters without the head, "head": the head's, "total": the backbone's}``.
+
+    Raises:
+        TargetError, RecipeError, BackboneError: As for training (a method that cannot adapt this backbone).
+    """
+    import torch
+
+    from adaptune.backbone import count_parameters, create_backbone
+    from adaptune.recipe import BackboneConfig, method_config
+
+    recipe = _MethodOnly(method, method_config(method, **options))
+    with torch.device("meta"):
+        model = create_backbone(BackboneConfig(model=model_name), num_classes)
+        inject_method(model, recipe)  # type: ignore[arg-type]
+    trainable, total = count_parameters(model)
+    head = sum(p.numel() for p in model.get_classifier().parameters())
+    return {"method": trainable - head, "head": head, "total": total}
+
+
+@dataclass(frozen=True)
+class _MethodOnly:
+    """The two recipe fields `inject_method` reads."""
+
+    method_name: str
+    method: Any
+
+
 def build_deploy_model(recipe: Recipe, num_classes: int, form: str) -> nn.Module:
     """An empty model of the deploy structure: the plain timm model (``folded``), or the backbone with the method
     injected and consolidated (``merged``). Weights are random until a state is loaded; the caller's RNG state is

@@ -14,12 +14,24 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def methods_table() -> str:
+    from adaptune.errors import AdaptuneError
+    from adaptune.loading import count_method_parameters
     from adaptune.methods import get_method, list_methods
 
-    rows = ["| method | what it trains | folds into plain timm weights |", "|---|---|---|"]
+    rows = [
+        "| method | what it trains | trainable on ViT-B/16 (no head) | VTAB-1k reported (mean of group means) "
+        "| folds into plain timm |",
+        "|---|---|---|---|---|",
+    ]
     for name in list_methods():
         spec = get_method(name)
-        rows.append(f"| `{name}` | {spec.summary} | {'yes' if spec.foldable else 'no (merged model, or ONNX)'} |")
+        try:
+            params = f"{count_method_parameters('vit_base_patch16_224', name)['method']:,}"
+        except AdaptuneError:
+            params = "n/a (CNN only)"
+        reported = f"{spec.reported_vtab1k[0]:.2f} ({spec.reported_vtab1k[1]})" if spec.reported_vtab1k else "-"
+        fold = "yes" if spec.foldable else "no (merged model, or ONNX)"
+        rows.append(f"| `{name}` | {spec.summary} | {params} | {reported} | {fold} |")
     return "\n".join(rows)
 
 

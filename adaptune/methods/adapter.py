@@ -322,6 +322,7 @@ def inject(model: nn.Module, cfg: Any, make_adapter: Callable[[int, Any], nn.Mod
 register(
     MethodSpec(
         name="adapter",
+        reported_vtab1k=(73.86, "V-PETL Bench / NOAH Adapter-8, sequential after the MLP"),
         summary="bottleneck adapter (post / parallel on any block; AdaptFormer, Pfeiffer, Houlsby in transformers)",
         config_cls=AdapterConfig,
         inject=inject,
@@ -331,6 +332,7 @@ register(
 register(
     MethodSpec(
         name="adapter_plus",
+        reported_vtab1k=(77.6, "Adapter+ paper, via ComBo"),
         summary="Adapter+: post-block bottleneck adapter, channel-wise scale, Houlsby init, drop-path 0.1",
         config_cls=AdapterPlusConfig,
         inject=inject,

@@ -27,6 +27,7 @@ def trainable_backbone(model: nn.Module, cfg: FullConfig) -> list[str]:
 register(
     MethodSpec(
         name="full",
+        reported_vtab1k=(68.97, "V-PETL Bench"),
         summary="full fine-tuning: every backbone parameter trains",
         config_cls=FullConfig,
         inject=inject,

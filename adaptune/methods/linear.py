@@ -22,6 +22,7 @@ def inject(model: nn.Module, cfg: LinearConfig) -> list[str]:
 register(
     MethodSpec(
         name="linear",
+        reported_vtab1k=(57.64, "V-PETL Bench"),
         summary="linear probe: train the classifier head only",
         config_cls=LinearConfig,
         inject=inject,

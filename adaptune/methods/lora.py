@@ -363,6 +363,7 @@ def fold(model: nn.Module) -> None:
 register(
     MethodSpec(
         name="lora",
+        reported_vtab1k=(74.60, "V-PETL Bench / NOAH, fused-qkv r=8"),
         summary="LoRA: low-rank updates B·A of Linear/Conv2d weights (q/v slices of a fused qkv), foldable",
         config_cls=LoRAConfig,
         inject=inject,

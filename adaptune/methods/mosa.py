@@ -157,7 +157,7 @@ def deepreg_loss(block_outputs: list[torch.Tensor], num_blocks: int) -> torch.Te
 
 
 def _base_seed(seed: int | None) -> int:
-    return seed if seed is not None else int(torch.randint(2**62, (1,)))
+    return seed if seed is not None else int(torch.randint(2**62, (1,), device="cpu"))
 
 
 def _splitter(num_experts: int, seed: int | None, split_bias: bool) -> Callable[[nn.Module, str, str], nn.Module]:
@@ -269,6 +269,7 @@ def fold_lora(model: nn.Module) -> None:
 register(
     MethodSpec(
         name="mosa",
+        reported_vtab1k=(71.4, "SNELL's table; the MoSA paper was not reachable"),
         summary="MoSA: adapter split into N sparse experts, one drawn per step, merged by averaging (+ consistency)",
         config_cls=MoSAConfig,
         inject=inject,

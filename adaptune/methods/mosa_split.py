@@ -54,10 +54,11 @@ def partition(shape: torch.Size | tuple[int, ...], num_experts: int, generator: 
         uint8 tensor of ``shape`` (CPU) with values in ``[0, N)``.
     """
     n = int(torch.Size(shape).numel())
-    bounds = torch.tensor([i * n // num_experts for i in range(num_experts + 1)])
-    by_rank = torch.repeat_interleave(torch.arange(num_experts, dtype=torch.uint8), bounds.diff())  # (n,)
-    owner = torch.empty(n, dtype=torch.uint8)
-    owner[torch.randperm(n, generator=generator)] = by_rank
+    cpu = torch.device("cpu")  # owner maps are made on the CPU, also while a model is built on the meta device
+    bounds = torch.tensor([i * n // num_experts for i in range(num_experts + 1)], device=cpu)
+    by_rank = torch.repeat_interleave(torch.arange(num_experts, dtype=torch.uint8, device=cpu), bounds.diff())  # (n,)
+    owner = torch.empty(n, dtype=torch.uint8, device=cpu)
+    owner[torch.randperm(n, generator=generator, device=cpu)] = by_rank
     return owner.view(shape)
 
 
@@ -111,7 +112,9 @@ class ExpertSampler(nn.Module):
 
     def draw(self) -> list[int]:
         """One uniform expert index per group. G draws in one call equal G successive single-draw calls."""
-        draws = [torch.randint(self.num_experts, (1,), generator=self.generator) for _ in range(self.groups)]
+        draws = [
+            torch.randint(self.num_experts, (1,), generator=self.generator, device="cpu") for _ in range(self.groups)
+        ]
         self.last_draw = [int(k) for k in draws]
         return self.last_draw
 
@@ -148,7 +151,7 @@ def _init_split(
     elif bias is not None:
         module.bias = nn.Parameter(bias.detach().clone().expand(num_experts, -1).contiguous())  # (N, out)
     if draw_seed is None:
-        draw_seed = int(torch.randint(2**62, (1,), generator=generator))
+        draw_seed = int(torch.randint(2**62, (1,), generator=generator, device="cpu"))
     module.sampler = ExpertSampler(num_experts, draw_seed)
 
 

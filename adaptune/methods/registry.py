@@ -66,6 +66,8 @@ class MethodSpec:
         identity_at_init: The untrained method leaves the backbone's outputs unchanged.
         merge_atol: Largest logit difference accepted between the unmerged and merged/folded model (fp32).
         find_unused_parameters: DDP must search for parameters that got no gradient in a step.
+        reported_vtab1k: ``(mean top-1, source)`` the method's authors or a benchmark report on VTAB-1k with ViT-B/16
+            IN-21k (e.g. ``(72.25, "V-PETL Bench, mean of 19 tasks")``), for the README table; None if none.
     """
 
     name: str
@@ -81,6 +83,7 @@ class MethodSpec:
     identity_at_init: bool = True
     merge_atol: float = 1e-5
     find_unused_parameters: bool = False
+    reported_vtab1k: tuple[float, str] | None = None
 
     @property
     def foldable(self) -> bool:

@@ -1,0 +1,38 @@
+"""Trainable parameters of each method's defaults on ViT-B/16, counted on the meta device (no weights), against the
+counts computed in the specs (methods-others §7.12 / §10.5, methods-core §2.10; head excluded)."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from adaptune.cli import app
+from adaptune.loading import count_method_parameters
+from adaptune.methods import list_methods
+
+VIT_B = "vit_base_patch16_224"
+# method -> (trainable parameters of the defaults without the head, where the number comes from)
+EXPECTED = {
+    "linear": (0, "nothing but the head"),
+    "full": (85_798_656, "ViT-B/16 without its head (spec 8.1: 85.8M)"),
+    "adapter": (156_768, "spec 7.12: bottleneck 8 with biases, one per block"),
+    "adapter_plus": (156_768 + 12 * 768, "adapter + a per-channel scale per block"),
+    "lora": (294_912, "spec 7.12: r = 8 on q and v (= NOAH's fused qkv count)"),
+    "mosa_lora": (294_912, "LoRA r = 8 on q, v: B split into 4 experts, no bias"),
+    "mosa": (350_400, "methods-core 2.10: 29,200 per block during training (private up bias per expert)"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_default_parameter_counts_on_vit_b(method):
+    assert count_method_parameters(VIT_B, method)["method"] == EXPECTED[method][0], EXPECTED[method][1]
+
+
+def test_every_method_has_an_expected_count():
+    assert set(list_methods()) <= set(EXPECTED), "add the new method's spec count to EXPECTED"
+
+
+def test_methods_cli_prints_counts():
+    result = CliRunner().invoke(app, ["methods", "--backbone", VIT_B])
+    assert result.exit_code == 0, result.output
+    assert "294,912" in result.stdout and "156,768" in result.stdout
