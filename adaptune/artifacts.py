@@ -23,13 +23,14 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from adaptune import files as _files
 from adaptune.errors import ArtifactError
 from adaptune.files import (
     TMP_SUFFIX,
-    _step,
     atomic_write_bytes,
     atomic_write_text,
     fsync_dir,
@@ -251,17 +252,17 @@ def save_checkpoint(ckpt_dir: Path, model: nn.Module, manifest: dict[str, Any], 
         buf = io.BytesIO()
         torch.save(trainer_state, buf)
         atomic_write_bytes(tmp / TRAINER_STATE, buf.getvalue())
-        _step("swap-written")
+        _files._step("swap-written")
         if _complete(ckpt_dir):
             if old.exists():
                 shutil.rmtree(old)  # a stale copy: the current one is complete
             os.replace(ckpt_dir, old)
         elif ckpt_dir.exists():
             shutil.rmtree(ckpt_dir)  # incomplete (hand-edited): nothing to keep
-        _step("swap-moved-old")
+        _files._step("swap-moved-old")
         os.replace(tmp, ckpt_dir)
         fsync_dir(parent)
-        _step("swap-renamed")
+        _files._step("swap-renamed")
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if not ckpt_dir.exists() and old.exists() and tmp.exists() and _complete(tmp):
@@ -337,13 +338,20 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
 
     path = ckpt / TRAINER_STATE
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the outcome is what matters here
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ArtifactError(f"{ckpt}: no {TRAINER_STATE}; cannot resume from this checkpoint") from None
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):
+            raise ArtifactError(
+                f"{path}: refused: it names code to run when loaded, not just tensors and plain data (a crafted "
+                "file?); only resume runs you trained yourself"
+            ) from None
         raise ArtifactError(
-            f"{path}: refused: it holds objects other than tensors and plain data (a file made to run code when "
-            "loaded?); only resume runs you trained yourself"
+            f"{path}: unreadable: damaged, or not a trainer state adaptune can load safely (tensors and plain data "
+            "only)"
         ) from None
     except Exception as e:
         raise ArtifactError(f"{path}: unreadable ({type(e).__name__}); the file is damaged") from None

@@ -7,14 +7,16 @@ timm are imported inside the commands, so ``adaptune --help`` answers at once. `
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from adaptune.files import to_json
 
 app = typer.Typer(
     name="adaptune",
@@ -49,8 +51,11 @@ def _run(fn: Callable[[], Any], debug: bool) -> Any:
     except KeyboardInterrupt:
         if debug:
             raise
-        _err("interrupted")
+        _err("interrupted; nothing more was saved (a run keeps its last checkpoint: adaptune train --resume RUN_DIR)")
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # `adaptune methods | head -1`: the reader left; not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (Python flushes stdout at exit)
+        raise typer.Exit(0) from None
     except Exception as e:
         if debug:
             raise
@@ -116,9 +121,7 @@ def train(
         from adaptune.recipe import load_recipe
 
         if resume is not None:
-            if set_:
-                raise RecipeError(["--set cannot change a run being resumed; start a new run instead"])
-            r = load_recipe(resume / "recipe.yaml")
+            r = _resume_recipe(resume, recipe, set_, out)
         elif recipe is None:
             raise RecipeError(["missing RECIPE; e.g. adaptune train quickstart (see adaptune recipes)"])
         else:
@@ -138,11 +141,44 @@ def train(
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
             return
         if json_:
-            print(json.dumps(result.summary))
+            print(to_json(result.summary))
         elif not quiet:
             _print_summary(result.summary)
 
     _run(go, debug)
+
+
+def _resume_recipe(run_dir: Path, recipe: str | None, overrides: list[str] | None, out: Path | None) -> Any:
+    """The recipe stored in the run being resumed; a RECIPE argument must be that same recipe.
+
+    Raises:
+        RecipeError: ``--set`` or ``--out`` with ``--resume``; a RECIPE that differs from the run's.
+        ArtifactError: ``run_dir`` is not a run directory.
+    """
+    from adaptune import artifacts
+    from adaptune.errors import ArtifactError, RecipeError
+    from adaptune.loading import run_recipe
+    from adaptune.recipe import load_recipe
+    from adaptune.train import recipe_differences
+
+    if overrides:
+        raise RecipeError(["--set cannot change a run being resumed; start a new run with another --out instead"])
+    if out is not None and out.resolve() != run_dir.resolve():
+        raise RecipeError([f"--out {out} with --resume {run_dir}: a resumed run stays in its directory; drop --out"])
+    if not run_dir.is_dir():
+        raise ArtifactError(f"--resume: no such run directory {str(run_dir)!r}")
+    stored = run_recipe(run_dir, artifacts.read_manifest(run_dir))
+    if recipe is not None:
+        given = load_recipe(resolve_recipe_path(recipe))
+        changed = recipe_differences(given.to_dict(), stored.to_dict(), ignore=("name", "output"))
+        if changed:
+            raise RecipeError(
+                [
+                    f"{recipe}: differs from the recipe of the run being resumed ({', '.join(changed[:6])}); leave "
+                    f"RECIPE out to resume {run_dir}, or train it as a new run with another --out"
+                ]
+            )
+    return stored
 
 
 def _launch_torchrun(nproc: int) -> int:
@@ -178,7 +214,7 @@ def _dry_run(r: Any, as_json: bool) -> None:
         "merge_plan": plan,
     }
     if as_json:
-        print(json.dumps(report))
+        print(to_json(report))
         return
     print(r.to_yaml().rstrip())
     print(f"# matched modules ({len(b.touched)}):")
@@ -250,7 +286,7 @@ def eval_(
             path, split=split, checkpoint=checkpoint, data_root=data_root, out=out, img_size=img_size
         )
         if json_:
-            print(json.dumps(result))
+            print(to_json(result))
         else:
             print_report(result)
 
@@ -280,7 +316,7 @@ def merge(
         from adaptune.merge import merge as merge_fn
 
         report = merge_fn(run_dir, out, checkpoint=checkpoint, fold=not no_fold, dtype=dtype, overwrite=overwrite)
-        print(json.dumps(report) if json_ else format_merge_report(report))
+        print(to_json(report) if json_ else format_merge_report(report))
 
     _run(go, debug)
 
@@ -309,7 +345,7 @@ def export(
         from adaptune.export import format_export_report
 
         report = export_fn(source, format_, out, checkpoint=checkpoint, overwrite=overwrite)
-        print(json.dumps(report) if json_ else format_export_report(report))
+        print(to_json(report) if json_ else format_export_report(report))
 
     _run(go, debug)
 
@@ -338,7 +374,7 @@ def sweep(
         log, bars = _logger(quiet), not quiet and sys.stderr.isatty()
         results = sweep_fn(resolve_recipe_path(recipe), [tasks], set_ or [], out, log=log, progress=bars)
         if json_:
-            print(json.dumps(results))
+            print(to_json(results))
         elif not quiet:
             print(format_table(results))
 
@@ -368,7 +404,7 @@ def methods(
 
         rows = [_method_row(get_method(n), backbone) for n in list_methods()]
         if json_:
-            print(json.dumps(rows))
+            print(to_json(rows))
             return
         width = max(len(r["name"]) for r in rows)
         for r in rows:
@@ -406,7 +442,7 @@ def recipes(json_: Json = False, debug: Debug = False) -> None:
             first = path.read_text().splitlines()[0] if path.stat().st_size else ""
             rows.append((path.stem, first.lstrip("# ").strip(), str(path)))
         if json_:
-            print(json.dumps([{"name": n, "description": d, "path": p} for n, d, p in rows]))
+            print(to_json([{"name": n, "description": d, "path": p} for n, d, p in rows]))
             return
         width = max(len(n) for n, _, _ in rows)
         for name, desc, _ in rows:
@@ -415,8 +451,39 @@ def recipes(json_: Json = False, debug: Debug = False) -> None:
     _run(go, debug)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The console entry point: SIGTERM behaves like Ctrl-C everywhere (exit 130 with what was saved), and usage
+    errors (unknown options, missing arguments) are one ``adaptune: error:`` line with exit code 2."""
+    exc = _click_exceptions()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        code = app(args=argv, prog_name="adaptune", standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except exc.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx is not None else e.format_message())
+        sys.exit(0)
+    except exc.UsageError as e:
+        command = e.ctx.command_path if e.ctx is not None else "adaptune"
+        _err(f"{e.format_message()} (see {command} --help)")
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        _err("interrupted")
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_exceptions():
+    """The click exceptions Typer raises (recent Typer vendors click as ``typer._click``)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older Typer: the click package itself
+        from click import exceptions
+    return exceptions
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

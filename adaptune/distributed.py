@@ -38,12 +38,54 @@ def setup(device_spec: str) -> tuple[Dist, torch.device]:
     elif device_spec == "cuda" and world_size > 1:
         device = torch.device(f"cuda:{local_rank}")
     else:
-        device = torch.device(device_spec)
+        device = parse_device(device_spec)
+    check_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world_size, local_rank), device
+
+
+def parse_device(spec: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a torch device.
+
+    Raises:
+        RecipeError: Anything else.
+    """
+    import torch
+
+    from adaptune.errors import RecipeError
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise RecipeError([f"train.device: {spec!r} is not a device; use auto, cpu, cuda or cuda:N"])
+    return device
+
+
+def check_device(device: torch.device) -> None:
+    """Raise `RecipeError` (exit 2) for a CUDA device this machine does not have."""
+    import torch
+
+    from adaptune.errors import RecipeError
+
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise RecipeError(
+            [
+                f"train.device: {device} but torch {torch.__version__} sees no CUDA device here; set train.device: cpu "
+                "(or auto)"
+            ]
+        )
+    if device.index is not None and device.index >= count:
+        raise RecipeError(
+            [f"train.device: {device} but this machine has {count} CUDA device(s); use cuda:0 .. cuda:{count - 1}"]
+        )
 
 
 def barrier(d: Dist) -> None:

@@ -181,3 +181,48 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[st
         ) from None
     metadata = header.get("__metadata__") or {}
     return tensors, metadata if isinstance(metadata, dict) else {}
+
+
+class DirectoryLock:
+    """An OS file lock on ``directory/.adaptune.lock``, held while one process writes into the directory.
+
+    The lock is ``fcntl.flock`` on an open file: the OS releases it when the process ends in any way (``kill -9``
+    included), so a stale lock file never blocks a later run. The file records the holder's pid for the message.
+
+    Raises:
+        ArtifactError: Another process holds the lock.
+    """
+
+    NAME = ".adaptune.lock"
+
+    def __init__(self, directory: Path, what: str = "training"):
+        self.path = Path(directory) / self.NAME
+        self.what = what
+        self._fd: int | None = None
+
+    def __enter__(self) -> DirectoryLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~umask())
+        except OSError as e:
+            raise unwritable(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ArtifactError(
+                f"{self.path.parent}: another adaptune process (pid {holder}) is {self.what} into this directory; "
+                "wait for it to finish, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock
+            self._fd = None

@@ -178,6 +178,27 @@ def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
     return lines
 
 
+def _duplicate_keys(node: yaml.Node | None, source: str, prefix: str = "") -> list[str]:
+    """``file:line: key: ...`` for every key a mapping repeats (YAML keeps the last one silently)."""
+    problems: list[str] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = f"{prefix}.{key_node.value}" if prefix else str(key_node.value)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                problems.append(
+                    f"{source}:{line}: {key}: appears twice (first on line {seen[key]}); the second would silently "
+                    "replace the first: keep one"
+                )
+            seen.setdefault(key, line)
+            problems += _duplicate_keys(value_node, source, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            problems += _duplicate_keys(item, source, f"{prefix}[{i}]")
+    return problems
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, override and validate a recipe file.
 
@@ -208,6 +229,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         where = f"{source}:{mark.line + 1}" if mark else source
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise RecipeError([f"{where}: invalid YAML: {problem}"]) from None
+    duplicates = _duplicate_keys(node, source)
+    if duplicates:
+        raise RecipeError(duplicates)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -297,7 +321,7 @@ def _build_data(data_raw: Any, where: _Where, errors: list[str]) -> DataConfig |
     except AdaptuneError as e:
         errors.append(f"{where('data.source')}: {e}")
     for name in sections:
-        if name != source:
+        if name != source and spec is not None:
             errors.append(
                 f"{where(f'data.{name}')}: data.{name}: options of data source {name!r}, but data.source is "
                 f"{source!r}; set data.source: {name}, or remove data.{name}"
@@ -467,26 +491,29 @@ def _convert_union(tp: Any, value: Any, dotted: str, where: _Where, bad: tuple[N
     args = typing.get_args(tp)
     if value is None:
         return (None, None) if type(None) in args else bad
-    problems = []
+    problems: list[str] = []
     # bool first: YAML `true` must not become the string "True"
     for arg in sorted((a for a in args if a is not type(None)), key=lambda a: a is not bool):
         converted, problem = _convert(arg, value, dotted, where, [])
         if problem is None:
             return converted, None
         problems.append(problem)
-    return None, next((p for p in problems if p.startswith("expected a finite")), bad[1])
+    # say what is wrong (a non-finite number, a list of the wrong length) rather than list every accepted type
+    specific = [p for p in problems if p.startswith("expected a finite") or "got a list of" in p]
+    return None, specific[0] if specific else bad[1]
 
 
 def _convert_sequence(
     tp: Any, value: Any, dotted: str, where: _Where, errors: list[str], bad: tuple[None, str]
 ) -> tuple[Any, str | None]:
-    """A list (or fixed-size tuple such as ``[height, width]``); a scalar is a list of one."""
-    if isinstance(value, str | int | float) and not isinstance(value, bool):
+    """A list (a scalar is a list of one), or a fixed-size tuple such as ``[height, width]``."""
+    args = typing.get_args(tp)
+    fixed = len(args) > 1 and Ellipsis not in args
+    if isinstance(value, str | int | float) and not isinstance(value, bool) and not fixed:
         value = [value]
     if not isinstance(value, list | tuple):
         return bad
-    args = typing.get_args(tp)
-    if len(args) > 1 and Ellipsis not in args and len(value) != len(args):
+    if fixed and len(value) != len(args):
         return None, f"expected {_describe(tp)}, got a list of {len(value)}"
     out = []
     for i, item in enumerate(value):

@@ -113,7 +113,7 @@ def sweep(
     Raises:
         RecipeError: Bad recipe or overrides, a source other than ``vtab``, an unknown preset, no tasks.
         DataError: A task folder or list file that is missing (checked for every task before any training).
-        ArtifactError: A task directory trained with another recipe, or interrupted before its first checkpoint.
+        ArtifactError: A task directory trained with another recipe.
         Interrupted: Ctrl-C or SIGTERM; re-running the same sweep continues.
     """
     from adaptune import data
@@ -208,17 +208,11 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _can_resume(run_dir: Path, recipe: Any, task: str) -> bool:
-    """True for an interrupted run with a ``last`` checkpoint; False for a task not started yet."""
+    """True for a task whose run was started (resumed from its ``last`` checkpoint, or started again when it stopped
+    before the first one); False for a task not started yet."""
     if not (run_dir / artifacts.ADAPTER_CONFIG).exists():
         return False  # nothing of a run here (absent or empty directory): train from scratch
     _check_same_recipe(run_dir, recipe, task)
-    try:
-        artifacts.find_checkpoint(run_dir, "last")
-    except ArtifactError:
-        raise ArtifactError(
-            f"{run_dir}: interrupted before its first checkpoint, so it cannot be resumed; delete {run_dir} and run "
-            "the sweep again to restart this task"
-        ) from None
     return True
 
 

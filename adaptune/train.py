@@ -149,6 +149,7 @@ class Run:
                 "scaler": self.scaler.state_dict(),
                 "loop": asdict(self.state),
                 "rng": _get_rng_state(),
+                "recipe": self.recipe.to_dict(),  # resume refuses a recipe.yaml edited since
             }
             artifacts.save_checkpoint(self.dir / "checkpoints" / which, self.model, self.manifest, trainer_state)
 
@@ -172,43 +173,83 @@ def train(
     Args:
         recipe: A validated recipe.
         out_dir: Run directory (default: ``output.dir`` or ``runs/<name>-<timestamp>``).
-        resume: Continue the run in ``out_dir`` from its ``last`` checkpoint.
+        resume: Continue the run in ``out_dir`` from its ``last`` checkpoint (with no checkpoint yet: start it again).
         log: Where progress lines go (None: silent).
         progress: Show a progress bar (on a TTY).
         on_step: Called with the step number after every optimizer step.
 
     Raises:
-        Interrupted: SIGINT/SIGTERM; ``last`` was saved first.
-        DivergenceError: Non-finite loss or gradient; the last good checkpoint is kept.
+        Interrupted: SIGINT/SIGTERM at any time; the message says what was saved.
+        DivergenceError: Non-finite loss, gradient or validation loss; the last finite checkpoint is kept.
+        ArtifactError: The run directory is in use by another process, holds something else, or (resume) was
+            trained with another recipe or has finished.
     """
     from adaptune import distributed
 
     wall_start = time.perf_counter()
-    run = _start(recipe, Path(out_dir) if out_dir else default_run_dir(recipe), resume, log or (lambda _msg: None))
+    run_dir = Path(out_dir) if out_dir else default_run_dir(recipe)
+    say = log or (lambda _msg: None)
     stop = _StopFlag()
-    with stop.installed():
+    with stop.installed(), _run_lock(run_dir, resume):
+        run = _start(recipe, run_dir, resume, say, stop)
         while run.state.step < run.total_steps:
             stats = _train_epoch(run, stop, progress, on_step)
             _end_epoch(run, stats)
-    summary = _finish(run)
-    summary.update(
-        wall_time_s=time.perf_counter() - wall_start,
-        train_images_per_s=run.timing.images / run.timing.compute if run.timing.compute else None,
-        data_time_fraction=run.timing.data / (run.timing.data + run.timing.compute) if run.timing.compute else None,
-        peak_memory_mb=_peak_memory_mb(run.device),
-    )
-    if run.dist.is_main:
-        artifacts.write_json(run.dir / "summary.json", summary)
+        summary = _finish(run)
+        stop.check("while testing the final weights", f"the last checkpoint is saved; finish with: {_resume_cmd(run)}")
+        summary.update(
+            wall_time_s=time.perf_counter() - wall_start,
+            train_images_per_s=run.timing.images / run.timing.compute if run.timing.compute else None,
+            data_time_fraction=run.timing.data / (run.timing.data + run.timing.compute) if run.timing.compute else None,
+            peak_memory_mb=_peak_memory_mb(run.device),
+        )
+        if run.dist.is_main:
+            artifacts.write_json(run.dir / "summary.json", summary)
     distributed.teardown(run.dist)
     return RunResult(run.dir, summary)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, resume: bool) -> Iterator[None]:
+    """Hold the run directory's lock for the run's life (rank 0 only: the other processes write nothing).
+
+    A directory created here and still empty when the run fails (bad data, bad options) is removed again.
+    """
+    import os
+
+    from adaptune.files import DirectoryLock
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ArtifactError(f"--out: {str(run_dir)!r} is a file; give the name of a new or empty directory")
+    if resume and not run_dir.is_dir():
+        raise ArtifactError(f"--resume: no such run directory {str(run_dir)!r}")
+    created = not run_dir.exists()
+    lock = DirectoryLock(run_dir)
+    try:
+        with lock:
+            yield
+    except BaseException:
+        if not (run_dir / artifacts.ADAPTER_CONFIG).exists():  # refused before it held a run: leave no trace
+            lock.path.unlink(missing_ok=True)
+            if created and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+        raise
+
+
+def _resume_cmd(run: Run) -> str:
+    return f"adaptune train --resume {run.dir}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # start
 
 
-def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], None]) -> Run:
-    """Build everything a run needs; restore the ``last`` checkpoint or write the run's first files."""
+def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], None], stop: _StopFlag) -> Run:
+    """Build everything a run needs and decode the data; then restore the ``last`` checkpoint or write the run's
+    first files. Nothing is written before every check has passed."""
     import torch
 
     from adaptune import data, distributed
@@ -221,7 +262,7 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
     cfg = recipe.train
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ckpt = artifacts.find_checkpoint(run_dir, "last") if resume else _check_new_run_dir(run_dir)
+    ckpt = _checkpoint_to_resume(run_dir, recipe, say) if resume else _check_new_run_dir(run_dir, say)
     b = build(recipe)
     b.model.to(device)
     loaders = data.build_loaders(
@@ -234,6 +275,8 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
         rank=dist.rank,
         world_size=dist.world_size,
     )
+    loaders.prefill()  # a broken image fails now, before the run directory holds anything
+    stop.check("during start-up", "nothing was saved; run the same command again")
     steps_per_epoch = math.ceil(len(loaders.train) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     optimizer, scheduler = _optimizer_and_schedule(b.model, recipe, steps_per_epoch, total_steps)
@@ -258,9 +301,7 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
     if ckpt is not None:
         _restore(run, ckpt)
     elif dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.atomic_write_text(run_dir / artifacts.RECIPE_FILE, recipe.to_yaml())
-        artifacts.write_json(run_dir / artifacts.ADAPTER_CONFIG, run.manifest)
+        _write_new_run(run)
     scheduler.step_update(run.state.step)
     say(f"{recipe.method_name} on {recipe.backbone.model}: {parameter_line(b.trainable, b.total)}")
     sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())
@@ -268,11 +309,91 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
     return run
 
 
-def _check_new_run_dir(run_dir: Path) -> None:
-    if (run_dir / artifacts.ADAPTER_CONFIG).exists():
+def _write_new_run(run: Run) -> None:
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run that never saved a checkpoint
+    artifacts.atomic_write_text(run.dir / artifacts.RECIPE_FILE, run.recipe.to_yaml())
+    artifacts.write_json(run.dir / artifacts.ADAPTER_CONFIG, run.manifest)
+
+
+def _check_new_run_dir(run_dir: Path, say: Callable[[str], None]) -> None:
+    """A new run may go into a missing or empty directory, or one whose run stopped before its first checkpoint.
+
+    Raises:
+        ArtifactError: The directory holds a run with a checkpoint (resume it), or files that are not a run.
+    """
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ArtifactError(f"--out: {str(run_dir)!r} is a file; give the name of a new or empty directory")
+    artifacts.recover_checkpoints(run_dir)
+    entries = [p for p in run_dir.iterdir() if p.name != ".adaptune.lock"]
+    if not entries:
+        return
+    if not (run_dir / artifacts.ADAPTER_CONFIG).exists():
+        raise ArtifactError(
+            f"{run_dir}: not empty and not an adaptune run directory; choose a new or empty directory for --out"
+        )
+    if (run_dir / "summary.json").exists() or _has_checkpoint(run_dir):
         raise ArtifactError(
             f"{run_dir}: already holds a run; continue it with --resume {run_dir} or pick another --out"
         )
+    say(f"{run_dir} holds a run that stopped before its first checkpoint; starting it again")
+
+
+def _has_checkpoint(run_dir: Path) -> bool:
+    try:
+        artifacts.find_checkpoint(run_dir, "last")
+    except ArtifactError:
+        return False
+    return True
+
+
+def _checkpoint_to_resume(run_dir: Path, recipe: Recipe, say: Callable[[str], None]) -> Path | None:
+    """The checkpoint to resume from; None (start again) for a run that stopped before its first checkpoint.
+
+    Raises:
+        ArtifactError: No run there; the run has finished; the checkpoint was trained with another recipe.
+    """
+    if not (run_dir / artifacts.ADAPTER_CONFIG).is_file():
+        raise ArtifactError(f"{run_dir}: not a run directory (no {artifacts.ADAPTER_CONFIG}); nothing to resume")
+    if (run_dir / "summary.json").exists():
+        raise ArtifactError(
+            f"{run_dir}: the run has finished (summary.json); nothing to resume: evaluate it with adaptune eval "
+            f"{run_dir}, or train a new run with another --out"
+        )
+    for line in artifacts.recover_checkpoints(run_dir):
+        say(line)
+    if not _has_checkpoint(run_dir):
+        say(f"{run_dir} stopped before its first checkpoint; starting it again")
+        return None
+    ckpt = artifacts.find_checkpoint(run_dir, "last")
+    stored = artifacts.load_trainer_state(ckpt).get("recipe")
+    if stored is not None:
+        changed = recipe_differences(stored, recipe.to_dict())
+        if changed:
+            raise ArtifactError(
+                f"{run_dir}: {artifacts.RECIPE_FILE} differs from the recipe the checkpoint was trained with "
+                f"({', '.join(changed[:6])}); resume trains exactly what was started: restore the file, or train a "
+                "new run with another --out"
+            )
+    return ckpt
+
+
+def recipe_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, ...] = ("name",)) -> list[str]:
+    """Dotted keys whose values differ between two resolved recipes (plain dicts)."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict) or not d:
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    fa, fb = flat(a), flat(b)
+    keys = sorted(k.rstrip(".") for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    return [k for k in keys if not any(k == i or k.startswith(i + ".") for i in ignore)]
 
 
 def _distributed_model(b: Built, dist: Dist) -> nn.Module:
@@ -381,8 +502,7 @@ def _train_epoch(run: Run, stop: _StopFlag, progress: bool, on_step: Callable[[i
                 if stop.requested:
                     run.save("last")
                     raise Interrupted(
-                        f"interrupted at step {state.step}; last checkpoint saved; continue with: "
-                        f"adaptune train --resume {run.dir}"
+                        f"interrupted at step {state.step}; last checkpoint saved; continue with: {_resume_cmd(run)}"
                     )
                 if state.step >= run.total_steps:
                     break
@@ -482,6 +602,9 @@ def _end_epoch(run: Run, stats: EpochStats) -> None:
     if run.loaders.val is not None and ((state.epoch + 1) % run.recipe.train.eval_every == 0 or last_epoch):
         val = _evaluate(run, run.loaders.val)
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"])
+        if not math.isfinite(val["loss"]):
+            run.log_metrics(record)  # the record of what happened; no checkpoint of these weights
+            raise _divergence(run, "the validation loss", val["loss"])
         if "diagnostics" in val:
             record["val_diagnostics"] = {k: v for k, v in val["diagnostics"].items() if k != "warnings"}
             for warning in val["diagnostics"].get("warnings", []):
@@ -571,10 +694,16 @@ def _summary_line(s: dict[str, Any]) -> str:
 
 
 def _divergence(run: Run, what: str, value: float) -> DivergenceError:
+    """The one-line message, truthful about what exists: nothing diverged is ever saved."""
     lr = run.optimizer.param_groups[0]["lr"]
+    if _has_checkpoint(run.dir):
+        loop = artifacts.load_trainer_state(artifacts.find_checkpoint(run.dir, "last"))["loop"]
+        kept = f"the last checkpoint (epoch {loop['epoch']}, step {loop['step']}) is kept"
+    else:
+        kept = "no checkpoint was saved yet (the same command starts the run again)"
     return DivergenceError(
-        f"training diverged at step {run.state.step + 1}: {what} is {value} at lr {lr:.2e}; the last good checkpoint "
-        "is kept; lower train.lr (or set train.clip_grad)"
+        f"training diverged at step {run.state.step + 1}: {what} is {value} at lr {lr:.2e}; {kept}; lower train.lr "
+        "(or set train.clip_grad)"
     )
 
 
@@ -640,6 +769,11 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+
+    def check(self, when: str, saved: str) -> None:
+        """Raise `Interrupted` if a signal arrived; ``saved`` says what exists and how to go on."""
+        if self.requested:
+            raise Interrupted(f"interrupted {when}; {saved}")
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:

@@ -106,16 +106,18 @@ def test_sweep_engine_runs_reuses_and_resumes(recipe_path: Path, tmp_path: Path)
     assert summary_mtimes(out)["eurosat"] == before["eurosat"]
 
 
-def test_sweep_refuses_unusable_or_foreign_task_dirs(recipe_path: Path, tmp_path: Path):
+def test_sweep_refuses_foreign_task_dirs_and_restarts_dead_ends(recipe_path: Path, tmp_path: Path):
     out = tmp_path / "sweep"
     sweep(recipe_path, ["shapes"], [], out)
     with pytest.raises(ArtifactError, match=r"different recipe \(train\.lr differ\)"):
         sweep(recipe_path, ["shapes"], ["train.lr=0.5"], out)
 
     (out / "shapes" / "summary.json").unlink()
-    shutil.rmtree(out / "shapes" / "checkpoints")
-    with pytest.raises(ArtifactError, match="interrupted before its first checkpoint.*delete"):
-        sweep(recipe_path, ["shapes"], [], out)
+    shutil.rmtree(out / "shapes" / "checkpoints")  # stopped before its first checkpoint: started again
+    lines: list[str] = []
+    sweep(recipe_path, ["shapes"], [], out, log=lines.append)
+    assert any("stopped before its first checkpoint; starting it again" in line for line in lines)
+    assert (out / "shapes" / "summary.json").is_file()
 
 
 def test_sweep_checks_every_task_before_training(recipe_path: Path, tmp_path: Path):

@@ -66,9 +66,10 @@ def test_existing_run_directory_is_not_overwritten(tmp_path):
         train(recipe)
 
 
-def test_resume_without_checkpoint(tmp_path):
-    with pytest.raises(ArtifactError, match=r"no 'last' checkpoint"):
+def test_resume_of_a_missing_directory(tmp_path):
+    with pytest.raises(ArtifactError, match=r"--resume: no such run directory"):
         train(tiny_recipe("linear", tmp_path), resume=True)
+    assert not (tmp_path / "run").exists()
 
 
 def test_divergence_stops_with_a_message(tmp_path):

@@ -90,6 +90,17 @@ class Loaders:
     test: DataLoader | None
     train_sampler: EpochSampler
 
+    def prefill(self) -> None:
+        """Decode every split now (`ImageSplit.prefill`), so that a broken image fails before a run writes anything,
+        and the first epoch is as fast as the others.
+
+        Raises:
+            DataError: A missing, truncated or unreadable image.
+        """
+        for loader in (self.train, self.val, self.test):
+            if loader is not None:
+                loader.dataset.prefill()  # type: ignore[attr-defined]
+
 
 def _roles(cfg: DataConfig) -> list[tuple[str, str, str]]:
     """(role, split name, recipe key) of each configured split."""

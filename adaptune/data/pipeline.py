@@ -88,6 +88,21 @@ class ImageSplit(Dataset):
     def _decode(self, index: int) -> torch.Tensor:
         return decode(self.split, index, self.size, self.interpolation)
 
+    def prefill(self, chunk: int = 256) -> None:
+        """Decode every image now: into the cache when there is one, else only far enough to know it opens.
+
+        Raises:
+            DataError: A missing, truncated or unreadable image (naming the file and the recipe key).
+        """
+        n = len(self.labels)
+        if self.store is not None:
+            for lo in range(0, n, chunk):
+                self.__getitems__(list(range(lo, min(lo + chunk, n))))
+            return
+        verify = getattr(self.split.images, "verify", None)
+        for i in range(n):
+            verify(i) if verify is not None else self.split.images.read(i)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         images, labels, _, _ = self.__getitems__([index])
         return images[0], int(labels[0])

@@ -48,6 +48,7 @@ class ImageFolder:
                 "folder"
             )
         self._files: dict[str, tuple[list[str], np.ndarray]] = {}
+        self._class_splits = {train_split}  # an empty class folder there would train a class with no images
         classes: set[str] = set()
         for d in self._dirs(train_split, "data.train_split"):
             classes.update(_class_dirs(d))
@@ -85,6 +86,12 @@ class ImageFolder:
                     labels += [index[cls]] * len(files)
             if not paths:
                 raise DataError(f"{key}: split {split!r} under {str(self.root)!r} holds no images")
+            empty = [c for i, c in enumerate(self.class_names) if i not in set(labels)]
+            if empty and split in self._class_splits:
+                raise DataError(
+                    f"{key}: class folder {empty[0]!r} of split {split!r} holds no images "
+                    f"({', '.join(sorted(IMAGE_SUFFIXES))}); add images or remove the folder"
+                )
             self._files[split] = (paths, np.array(labels, dtype=np.int64))
         return self._files[split]
 

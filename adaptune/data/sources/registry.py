@@ -79,6 +79,15 @@ class FileImages:
         except (OSError, ValueError) as e:  # missing, truncated or not an image (PIL raises OSError subclasses)
             raise DataError(f"{self.key}: cannot read image {path!r} ({e}); fix or remove the file") from None
 
+    def verify(self, index: int) -> None:
+        """Check that image ``index`` exists and is an image file PIL can parse, without decoding its pixels."""
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{self.key}: cannot read image {path!r} ({e}); fix or remove the file") from None
+
 
 @dataclass(frozen=True)
 class SplitData:
