@@ -3,7 +3,7 @@
 ```
 runs/<name>/
   recipe.yaml                 the resolved recipe
-  adapter_config.json         manifest (format_version, adaptune_version, method + options, backbone, classes, input)
+  adaptune_config.json        manifest (format_version, adaptune_version, method + options, backbone, classes, input)
   adapter_model.safetensors   trainable tensors of the selected (best, else last) weights; manifest in the metadata
   checkpoints/last/, best/    adapter_model.safetensors + trainer_state.pt (optimizer, RNG, step, epoch)
   metrics.jsonl, summary.json
@@ -53,6 +53,7 @@ __all__ = [
     "ADAPTER_WEIGHTS",
     "FORMAT_VERSION",
     "RECIPE_FILE",
+    "RUN_MANIFEST",
     "TRAINER_STATE",
     "adapter_state_dict",
     "atomic_write_bytes",
@@ -60,6 +61,7 @@ __all__ = [
     "build_manifest",
     "check_format_version",
     "find_checkpoint",
+    "is_run_dir",
     "load_adapter_state",
     "load_safetensors",
     "load_trainer_state",
@@ -71,7 +73,8 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 2  # 2: data sources in their own recipe sections, the input spec in the manifest
-ADAPTER_CONFIG = "adapter_config.json"
+RUN_MANIFEST = "adaptune_config.json"  # its own name: PEFT reads adapter_config.json and cannot read this layout
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's config name (PEFT exports), and the run manifest of format_version 1
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.pt"
 RECIPE_FILE = "recipe.yaml"
@@ -110,17 +113,31 @@ def check_format_version(manifest: Any, where: str | Path) -> None:
         )
 
 
+def manifest_path(run_dir: Path) -> Path | None:
+    """The run manifest of ``run_dir`` (``adaptune_config.json``; ``adapter_config.json`` in format_version 1 runs)."""
+    for name in (RUN_MANIFEST, ADAPTER_CONFIG):
+        path = Path(run_dir) / name
+        if path.is_file() and (name == RUN_MANIFEST or "peft_type" not in path.read_text()[:4096]):
+            return path
+    return None
+
+
+def is_run_dir(path: Path) -> bool:
+    """``path`` is an adaptune run directory (it holds a run manifest)."""
+    return Path(path).is_dir() and manifest_path(path) is not None
+
+
 def read_manifest(run_dir: Path) -> dict[str, Any]:
-    """The run's ``adapter_config.json``, checked.
+    """The run's manifest (``adaptune_config.json``), checked.
 
     Raises:
         ArtifactError: Missing, not JSON, not an object, from a newer adaptune, or without ``num_classes``.
     """
-    path = run_dir / ADAPTER_CONFIG
+    path = manifest_path(run_dir) or run_dir / RUN_MANIFEST
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise ArtifactError(f"{run_dir}: not a run directory (no {ADAPTER_CONFIG})") from None
+        raise ArtifactError(f"{run_dir}: not a run directory (no {RUN_MANIFEST})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         line = f" (line {e.lineno})" if isinstance(e, json.JSONDecodeError) else ""
         raise ArtifactError(f"{path}: not valid JSON{line}; the file is damaged") from None

@@ -256,9 +256,9 @@ def _with_data_root(recipe: Recipe, data_root: str | None) -> Recipe:
 
 def default_eval_dir(path: Path, split: str, checkpoint: str) -> Path:
     """``RUN/eval/<split>-<checkpoint>`` for a run directory, ``<name>-eval/<split>`` beside any other artifact."""
-    from adaptune.artifacts import ADAPTER_CONFIG
+    from adaptune.artifacts import is_run_dir
 
-    if (path / ADAPTER_CONFIG).is_file():
+    if is_run_dir(path):
         return path / "eval" / f"{split}-{checkpoint}"
     return path.with_name(f"{path.stem}-eval") / split
 
@@ -413,5 +413,21 @@ def print_report(result: dict[str, Any]) -> None:
         for name, row in zip(names, result["confusion"], strict=True):
             confusion.add_row(name, *map(str, row))
         console.print(confusion)
+    diagnostics = result.get("diagnostics") or {}  # the method's own observations: one table per mapping
+    for key, value in diagnostics.items():
+        if key == "warnings":
+            continue
+        if not isinstance(value, dict):
+            console.print(f"{key}: {value}", highlight=False)
+            continue
+        table = Table(title=f"method diagnostics: {key}")
+        table.add_column("name")
+        table.add_column("values")
+        for name, v in value.items():
+            items = v if isinstance(v, list | tuple) else [v]
+            table.add_row(str(name), " ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in items))
+        console.print(table)
+    for warning in diagnostics.get("warnings", []):
+        console.print(f"warning: {warning}", style="yellow", highlight=False)
     for kind, path in result["files"].items():
         console.print(f"{kind}: {path}", highlight=False)

@@ -310,7 +310,7 @@ def load_artifact(path: str | Path, checkpoint: str = "best") -> Artifact:
     """Rebuild the model of a run directory, a merged ``.safetensors`` file or an exported timm directory.
 
     Args:
-        path: Run directory (``adapter_config.json``), merged file, or ``adaptune export --format timm`` directory.
+        path: Run directory (``adaptune_config.json``), merged file, or ``adaptune export --format timm`` directory.
         checkpoint: For a run directory: ``best``, ``last`` or ``final`` (see `load_run`).
 
     Returns:
@@ -321,7 +321,7 @@ def load_artifact(path: str | Path, checkpoint: str = "best") -> Artifact:
             fit the backbone or class count.
     """
     path = Path(path)
-    if path.is_dir() and (path / artifacts.ADAPTER_CONFIG).is_file():
+    if artifacts.is_run_dir(path):
         model, recipe, manifest = load_run(path, checkpoint)
         return Artifact(model, {**manifest, "form": "run", "checkpoint": checkpoint}, recipe)
     if path.is_dir() and (path / TIMM_WEIGHTS).is_file():
@@ -330,7 +330,7 @@ def load_artifact(path: str | Path, checkpoint: str = "best") -> Artifact:
         return _load_merged_file(path)
     if path.is_dir():
         raise ArtifactError(
-            f"{path}: neither a run directory ({artifacts.ADAPTER_CONFIG}) nor an exported timm directory "
+            f"{path}: neither a run directory ({artifacts.RUN_MANIFEST}) nor an exported timm directory "
             f"({TIMM_WEIGHTS})"
         )
     raise ArtifactError(f"{path}: no such file or directory")

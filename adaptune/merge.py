@@ -90,7 +90,7 @@ def check_out_path(out: str | Path, overwrite: bool = False, kind: str = "file")
     out = Path(out)
     if not out.parent.is_dir():
         raise ArtifactError(f"--out: directory {str(out.parent)!r} does not exist; create it first")
-    run = next((p for p in (out, *out.parents) if (p / artifacts.ADAPTER_CONFIG).is_file()), None)
+    run = next((p for p in (out, *out.parents) if artifacts.is_run_dir(p)), None)
     if run is not None:
         raise ArtifactError(
             f"--out: {str(out)!r} is inside the run directory {str(run)!r}, which merge and export never change; "

@@ -210,7 +210,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _can_resume(run_dir: Path, recipe: Any, task: str) -> bool:
     """True for a task whose run was started (resumed from its ``last`` checkpoint, or started again when it stopped
     before the first one); False for a task not started yet."""
-    if not (run_dir / artifacts.ADAPTER_CONFIG).exists():
+    if not artifacts.is_run_dir(run_dir):
         return False  # nothing of a run here (absent or empty directory): train from scratch
     _check_same_recipe(run_dir, recipe, task)
     return True

@@ -232,7 +232,7 @@ def _run_lock(run_dir: Path, resume: bool) -> Iterator[None]:
         with lock:
             yield
     except BaseException:
-        if not (run_dir / artifacts.ADAPTER_CONFIG).exists():  # refused before it held a run: leave no trace
+        if not artifacts.is_run_dir(run_dir):  # refused before it held a run: leave no trace
             lock.path.unlink(missing_ok=True)
             if created and not any(run_dir.iterdir()):
                 run_dir.rmdir()
@@ -313,7 +313,7 @@ def _write_new_run(run: Run) -> None:
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / "metrics.jsonl").unlink(missing_ok=True)  # a restarted run that never saved a checkpoint
     artifacts.atomic_write_text(run.dir / artifacts.RECIPE_FILE, run.recipe.to_yaml())
-    artifacts.write_json(run.dir / artifacts.ADAPTER_CONFIG, run.manifest)
+    artifacts.write_json(run.dir / artifacts.RUN_MANIFEST, run.manifest)
 
 
 def _check_new_run_dir(run_dir: Path, say: Callable[[str], None]) -> None:
@@ -330,7 +330,7 @@ def _check_new_run_dir(run_dir: Path, say: Callable[[str], None]) -> None:
     entries = [p for p in run_dir.iterdir() if p.name != ".adaptune.lock"]
     if not entries:
         return
-    if not (run_dir / artifacts.ADAPTER_CONFIG).exists():
+    if not artifacts.is_run_dir(run_dir):
         raise ArtifactError(
             f"{run_dir}: not empty and not an adaptune run directory; choose a new or empty directory for --out"
         )
@@ -355,8 +355,8 @@ def _checkpoint_to_resume(run_dir: Path, recipe: Recipe, say: Callable[[str], No
     Raises:
         ArtifactError: No run there; the run has finished; the checkpoint was trained with another recipe.
     """
-    if not (run_dir / artifacts.ADAPTER_CONFIG).is_file():
-        raise ArtifactError(f"{run_dir}: not a run directory (no {artifacts.ADAPTER_CONFIG}); nothing to resume")
+    if not artifacts.is_run_dir(run_dir):
+        raise ArtifactError(f"{run_dir}: not a run directory (no {artifacts.RUN_MANIFEST}); nothing to resume")
     if (run_dir / "summary.json").exists():
         raise ArtifactError(
             f"{run_dir}: the run has finished (summary.json); nothing to resume: evaluate it with adaptune eval "

@@ -280,7 +280,7 @@ def test_one_channel_non_square_backbone_trains_merges_and_exports(tmp_path):
     result = train(recipe)
     art = load_artifact(result.run_dir)
     assert art.input == InputSpec(shape=(1, 32, 48), mean=(0.5,), std=(0.5,), interpolation=recipe.data.interpolation)
-    manifest = json.loads((result.run_dir / "adapter_config.json").read_text())
+    manifest = json.loads((result.run_dir / "adaptune_config.json").read_text())
     assert manifest["input"]["shape"] == [1, 32, 48]
     report = merge(result.run_dir, tmp_path / "merged.safetensors")
     assert report["form"] == "folded" and report["max_abs_diff"] <= report["tolerance"]

@@ -392,8 +392,8 @@ def test_bad_merged_file(damage, merged, tmp_path):
 
 def test_newer_run_manifest(runs, tmp_path):
     run = copy_run(runs["lora"], tmp_path)
-    config = json.loads((run / "adapter_config.json").read_text())
-    (run / "adapter_config.json").write_text(json.dumps({**config, "format_version": 3}))
+    config = json.loads((run / "adaptune_config.json").read_text())
+    (run / "adaptune_config.json").write_text(json.dumps({**config, "format_version": 3}))
     result = runner.invoke(app, ["merge", str(run), "--out", str(tmp_path / "m.safetensors")])
     assert result.exit_code == 2 and "format_version 3 is newer than this adaptune" in one_error_line(result)
     assert not (tmp_path / "m.safetensors").exists()

@@ -23,10 +23,10 @@ def final_weights(run_dir):
 def test_run_directory_contract(tmp_path):
     result = train(tiny_recipe("lora", tmp_path, train={"epochs": 2}))
     run = result.run_dir
-    for name in ("recipe.yaml", "adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "summary.json"):
+    for name in ("recipe.yaml", "adaptune_config.json", "adapter_model.safetensors", "metrics.jsonl", "summary.json"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "last" / "trainer_state.pt").is_file()
-    manifest = json.loads((run / "adapter_config.json").read_text())
+    manifest = json.loads((run / "adaptune_config.json").read_text())
     assert manifest["format_version"] == 2 and manifest["method"]["name"] == "lora"
     assert manifest["num_classes"] == 4 and len(manifest["class_names"]) == 4
     summary = json.loads((run / "summary.json").read_text())
