@@ -98,6 +98,15 @@ class TrainConfig:
     log_every: int = opt(10, "log a training line every N steps", ge=1)
     device: str = opt("auto", "`auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`")
     threads: int | None = opt(None, "torch CPU threads; default: torch's choice", ge=1)
+    prefix_cache: Literal["auto", "off"] = opt(
+        "auto",
+        "compute the frozen layers before the first trainable block once per image instead of every epoch, where "
+        "that cannot change the result (`auto`; the log says when it is on and why not otherwise)",
+    )
+    prefix_cache_dtype: Literal["fp32", "bf16", "fp16"] = opt(
+        "fp32", "storage of cached features: fp32 (same results) or half the memory with bf16/fp16 (drift reported)"
+    )
+    prefix_cache_gb: float = opt(4.0, "memory for cached features; beyond it they go to a memory-mapped file", gt=0.0)
 
 
 @dataclass(frozen=True)

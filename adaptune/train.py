@@ -118,6 +118,11 @@ class Run:
     say: Callable[[str], None]
     state: LoopState = field(default_factory=LoopState)
     timing: Timing = field(default_factory=Timing)
+    prefix: Any = None  # an adaptune.prefix.PrefixCache when the frozen prefix is cached
+
+    def forwarding(self) -> contextlib.AbstractContextManager[None]:
+        """The context every forward runs in: from cached features when the prefix cache is on."""
+        return self.prefix.active(self.model) if self.prefix is not None else contextlib.nullcontext()
 
     @property
     def model(self) -> nn.Module:
@@ -192,10 +197,14 @@ def train(
     stop = _StopFlag()
     with stop.installed(), _run_lock(run_dir, resume):
         run = _start(recipe, run_dir, resume, say, stop)
-        while run.state.step < run.total_steps:
-            stats = _train_epoch(run, stop, progress, on_step)
-            _end_epoch(run, stats)
-        summary = _finish(run)
+        try:
+            while run.state.step < run.total_steps:
+                stats = _train_epoch(run, stop, progress, on_step)
+                _end_epoch(run, stats)
+            summary = _finish(run)
+        finally:
+            if run.prefix is not None:
+                run.prefix.close()  # memory-mapped feature files go away with the run
         stop.check("while testing the final weights", f"the last checkpoint is saved; finish with: {_resume_cmd(run)}")
         summary.update(
             wall_time_s=time.perf_counter() - wall_start,
@@ -276,6 +285,7 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
         world_size=dist.world_size,
     )
     loaders.prefill()  # a broken image fails now, before the run directory holds anything
+    cache, loaders = _prefix_cache(recipe, b, loaders, run_dir, say)
     stop.check("during start-up", "nothing was saved; run the same command again")
     steps_per_epoch = math.ceil(len(loaders.train) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
@@ -297,6 +307,7 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         say=say,
+        prefix=cache,
     )
     if ckpt is not None:
         _restore(run, ckpt)
@@ -307,6 +318,36 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
     sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())
     say(f"{sizes} images, {b.info.num_classes} classes, {total_steps} steps of batch {cfg.batch_size}")
     return run
+
+
+def _prefix_cache(recipe: Recipe, b: Built, loaders: Loaders, run_dir: Path, say: Callable[[str], None]) -> Any:
+    """(cache or None, loaders): cached frozen-prefix features where that cannot change a result (`adaptune.prefix`)."""
+    from adaptune import prefix
+
+    cfg = recipe.train
+    if cfg.prefix_cache == "off":
+        return None, loaders
+    p, why = prefix.plan(b.model)
+    if p is not None:
+        example = b.input.example(2).to(next(b.model.parameters()).device)
+        why = prefix.check(b.model, p, example, lambda m: set_train_mode(m, recipe.backbone.train_mode))
+    if p is None or why:
+        say(f"prefix cache: off ({why})")
+        return None, loaders
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache, cached = prefix.build(
+        b.model,
+        p,
+        loaders,
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size or 2 * cfg.batch_size,
+        hflip=recipe.data.hflip,
+        dtype=cfg.prefix_cache_dtype,
+        budget_bytes=cfg.prefix_cache_gb * 2**30,
+        spill_dir=run_dir,
+    )
+    say(cache.describe(cfg.epochs))
+    return cache, cached
 
 
 def _write_new_run(run: Run) -> None:
@@ -461,7 +502,7 @@ def _compute_loss(run: Run, batch: Batch) -> Loss:
     from adaptune.evaluate import autocast, model_forward
 
     spec, cfg = run.built.spec, run.recipe.method
-    with autocast(run.device, run.recipe.train.precision):
+    with autocast(run.device, run.recipe.train.precision), run.forwarding():
         if spec.training_loss is not None:
             return spec.training_loss(run.train_model, cfg, batch, run.loss_fn)
         logits = model_forward(spec, cfg)(run.train_model, batch)
@@ -576,17 +617,18 @@ def _progress_bar(run: Run, total: int, progress: bool) -> Iterator[Any]:
 def _evaluate(run: Run, loader: Any) -> dict[str, Any]:
     from adaptune.evaluate import evaluate
 
-    return evaluate(
-        run.model,
-        loader,
-        run.device,
-        run.built.info.num_classes,
-        run.recipe.train.precision,
-        confusion=False,
-        reduce=run.reducer(),
-        method=run.built.spec,
-        method_cfg=run.recipe.method,
-    )
+    with run.forwarding():
+        return evaluate(
+            run.model,
+            loader,
+            run.device,
+            run.built.info.num_classes,
+            run.recipe.train.precision,
+            confusion=False,
+            reduce=run.reducer(),
+            method=run.built.spec,
+            method_cfg=run.recipe.method,
+        )
 
 
 def _end_epoch(run: Run, stats: EpochStats) -> None:
@@ -712,10 +754,12 @@ def _divergence(run: Run, what: str, value: float) -> DivergenceError:
 
 
 def set_train_mode(model: nn.Module, backbone_train: bool) -> None:
-    """Train mode for what trains; frozen BatchNorm always in eval (its running stats must not drift).
+    """Train mode for what trains; BatchNorm always in eval (its running statistics must not drift).
 
     With ``backbone_train`` false the frozen backbone runs in eval mode (no dropout/drop-path) and only the modules a
-    method created are in train mode.
+    method created are in train mode. BatchNorm layers normalise with their stored statistics for every method, also
+    where their affine parameters train (BitFit, norm tuning, full fine-tuning): the statistics are not part of the
+    trained state a run saves, and batch statistics of VTAB-sized data would make training and inference differ.
     """
     from torch import nn
     from torch.nn.modules.batchnorm import _BatchNorm
@@ -730,7 +774,7 @@ def set_train_mode(model: nn.Module, backbone_train: bool) -> None:
             if isinstance(base, nn.Module):
                 base.eval()
     for m in model.modules():
-        if isinstance(m, _BatchNorm) and not any(p.requires_grad for p in m.parameters(recurse=False)):
+        if isinstance(m, _BatchNorm):
             m.eval()
 
 
