@@ -20,6 +20,11 @@ EXPECTED = {
     "lora": (294_912, "spec 7.12: r = 8 on q and v (= NOAH's fused qkv count)"),
     "mosa_lora": (294_912, "LoRA r = 8 on q, v: B split into 4 experts, no bias"),
     "mosa": (350_400, "methods-core 2.10: 29,200 per block during training (private up bias per expert)"),
+    "vpt": (92_160, "spec 7.4/10.5: VPT-deep N = 10, 12 · N · 768"),
+    "vpt_shallow": (76_800, "spec 7.4/10.5: VPT-shallow N = 100, N · 768"),
+    "bitfit": (102_912, "spec 7.5/10.5: biases of qkv, proj, fc1, fc2, norm1, norm2 x 12 + patch embed + final norm"),
+    "ssf": (205_824, "spec 7.6/10.5: γ, β after LN1/qkv/proj/LN2/fc1/fc2 x 12 + patch embed + final norm"),
+    "repadapter": (239_808, "spec 7.8/10.5: dim 8, groups 2, with biases: 24 · (6,152 + 3,840)"),
 }
 
 

@@ -6,10 +6,14 @@ method first.
 
 from adaptune.methods import (  # noqa: F401  (each module registers its methods on import)
     adapter,
+    bitfit,
     full,
     linear,
     lora,
     mosa,
+    repadapter,
+    ssf,
+    vpt,
 )
 from adaptune.methods.registry import MethodSpec, get_method, list_methods, owners_of, register, registered
 
