@@ -57,6 +57,7 @@ class LoopState:
     best_top1: float = -1.0
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # said once each, kept in the summary
 
 
 @dataclass
@@ -635,11 +636,6 @@ def _end_epoch(run: Run, stats: EpochStats) -> None:
     """Training means, validation (every ``eval_every`` epochs and after the last), best/last checkpoints."""
     state, num_classes = run.state, run.built.info.num_classes
     record: dict[str, Any] = {"epoch": state.epoch + 1, "step": state.step, **stats.means(run.reducer(), run.device)}
-    if state.epoch == 0 and record["train_top1"] < 150.0 / num_classes and num_classes > 2:
-        run.say(
-            f"warning: training accuracy {record['train_top1']:.1f}% is near chance after the first epoch; if it "
-            "stays there, lower train.lr"
-        )
     last_epoch = state.step >= run.total_steps
     if run.loaders.val is not None and ((state.epoch + 1) % run.recipe.train.eval_every == 0 or last_epoch):
         val = _evaluate(run, run.loaders.val)
@@ -658,9 +654,29 @@ def _end_epoch(run: Run, stats: EpochStats) -> None:
     state.history.append(record)
     run.log_metrics(record)
     run.say(_epoch_line(record, run.num_epochs))
+    _warn_if_stuck(run, record, num_classes)
     if record.get("best"):
         run.save("best")
     run.save("last")
+
+
+def _warn_if_stuck(run: Run, record: dict[str, Any], num_classes: int) -> None:
+    """Say (once, in the log and the summary) when a run sits at chance after warm-up: the loss has not fallen from
+    where a zero head starts (log of the class count) and accuracy is at chance, the usual sign of a learning rate
+    too high for the frozen features (PEFT's LoRA at lr 3e-3 collapsed this way on two of six small tasks)."""
+    warmup_done = run.state.step >= max(1, round(run.recipe.train.warmup_epochs * run.steps_per_epoch))
+    if not warmup_done or num_classes < 3 or any(w.startswith("stuck at chance") for w in run.state.warnings):
+        return
+    chance = 100.0 / num_classes
+    top1, split = (record["val_top1"], "validation") if "val_top1" in record else (record["train_top1"], "training")
+    if top1 < 1.5 * chance and record["train_loss"] > 0.9 * math.log(num_classes):
+        warning = (
+            f"stuck at chance after epoch {record['epoch']}: {split} top-1 {top1:.1f}% (chance {chance:.1f}%), "
+            f"training loss {record['train_loss']:.3f} (log of the {num_classes} classes: "
+            f"{math.log(num_classes):.3f}); lower train.lr (now {run.recipe.train.lr:g}), e.g. by 3x"
+        )
+        run.state.warnings.append(warning)
+        run.say(f"warning: {warning}")
 
 
 def _finish(run: Run) -> dict[str, Any]:
@@ -702,6 +718,7 @@ def _finish(run: Run) -> dict[str, Any]:
         "test_top1_last": test_last,
         "final_weights": selected,
         "train_loss_terms": {k.removeprefix("train_"): v for k, v in last.items() if _is_term(k)},
+        "warnings": list(state.warnings),
         "trainable_params": run.built.trainable,
         "total_params": run.built.total,
     }

@@ -222,3 +222,21 @@ def test_json_output_has_no_nan(tmp_path, capsys):
     assert e.value.code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 4 and torch.isfinite(torch.tensor(summary["wall_time_s"]))
+
+
+def test_a_run_stuck_at_chance_is_said_in_the_log_and_the_summary(tmp_path):
+    flat = MethodSpec(
+        name="test_flat",
+        summary="",
+        config_cls=NoOptions,
+        inject=lambda m, c: [],
+        forward=lambda model, cfg, batch: model(batch.inputs) * 0.0,  # logits never move: loss log(4), chance
+    )
+    lines: list[str] = []
+    with registered(flat):
+        result = train(tiny_recipe("test_flat", tmp_path, train={"epochs": 3, "warmup_epochs": 1}), log=lines.append)
+    (warning,) = result.summary["warnings"]
+    assert warning.startswith("stuck at chance after epoch 1:") and "lower train.lr (now 0.001)" in warning
+    assert sum("stuck at chance" in line for line in lines) == 1, "said once"
+    healthy = train(tiny_recipe("lora", tmp_path / "h", train={"epochs": 3}))
+    assert healthy.summary["warnings"] == []
