@@ -71,11 +71,9 @@ def _logger(quiet: bool) -> Callable[[str], None] | None:
 
 def resolve_recipe_path(recipe: str) -> Path:
     """A path, or the name of a shipped recipe (``quickstart`` -> the packaged ``quickstart.yaml``)."""
-    path = Path(recipe)
-    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in recipe:
-        return path
-    shipped = _recipes_dir() / f"{recipe}.yaml"
-    return shipped if shipped.exists() else path
+    from adaptune.recipe import resolve_recipe_path as resolve
+
+    return resolve(recipe)
 
 
 def _recipes_dir() -> Path:

@@ -154,9 +154,9 @@ _plain = plain  # the name other modules used before `adaptune.config`
 
 
 class _Where:
-    """Maps dotted keys to ``file:line`` for error messages."""
+    """Maps dotted keys to ``file:line`` for error messages (with ``base:`` recipes, the file that holds the key)."""
 
-    def __init__(self, source: str, lines: dict[str, int] | None = None):
+    def __init__(self, source: str, lines: dict[str, int | tuple[str, int]] | None = None):
         self.source = source
         self.lines = lines or {}
         self.overrides: set[str] = set()
@@ -167,9 +167,31 @@ class _Where:
         probe = key
         while probe:
             if probe in self.lines:
-                return f"{self.source}:{self.lines[probe]}"
+                at = self.lines[probe]
+                return f"{at[0]}:{at[1]}" if isinstance(at, tuple) else f"{self.source}:{at}"
             probe = probe.rsplit(".", 1)[0] if "." in probe else ""
         return self.source
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+def shipped_recipe(name: str) -> Path | None:
+    """The packaged recipe called ``name`` (``quickstart`` -> ``adaptune/recipes/quickstart.yaml``), or None."""
+    path = RECIPES_DIR / f"{name}.yaml"
+    return path if "/" not in name and path.is_file() else None
+
+
+def resolve_recipe_path(recipe: str | Path, relative_to: Path | None = None) -> Path:
+    """A recipe path (relative to ``relative_to``'s folder when given), or the name of a shipped recipe."""
+    path = Path(recipe)
+    if relative_to is not None and not path.is_absolute():
+        local = relative_to.parent / path
+        if local.exists() or path.suffix in (".yaml", ".yml"):
+            return local
+    if path.exists() or path.suffix in (".yaml", ".yml") or "/" in str(recipe):
+        return path
+    return shipped_recipe(str(recipe)) or path
 
 
 def _line_map(node: yaml.Node, prefix: str = "") -> dict[str, int]:
@@ -211,6 +233,10 @@ def _duplicate_keys(node: yaml.Node | None, source: str, prefix: str = "") -> li
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Load, override and validate a recipe file.
 
+    A recipe may start from another: ``base: quickstart`` (a shipped name, or a path relative to this file). The two
+    are deep-merged, this file winning; a ``method`` (or ``data.<source>``) section for another method (or source)
+    replaces the base's instead of merging with it. Errors name the file and line that hold the key.
+
     Args:
         path: The YAML file.
         overrides: ``key.path=value`` strings; values are parsed as YAML (``train.lr=5e-3``, ``method.targets=[a, b]``).
@@ -219,6 +245,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         RecipeError: With every problem found, one per line.
     """
     path = Path(path)
+    raw, lines = _read_with_bases(path, ())
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, _Where(str(path), lines), overrides)
+
+
+def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -245,9 +277,67 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raw = {}
     if not isinstance(raw, dict):
         raise RecipeError([f"{source}:1: a recipe must be a mapping of sections ({', '.join(SECTIONS)})"])
-    where = _Where(source, _line_map(node) if node is not None else {})
-    raw.setdefault("name", path.stem)
-    return recipe_from_dict(raw, where, overrides)
+    return raw, node
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(raw recipe with its bases merged in, dotted key -> (file, line))."""
+    raw, node = _read_yaml(path)
+    lines: dict[str, Any] = {k: (str(path), v) for k, v in (_line_map(node) if node is not None else {}).items()}
+    base = raw.pop("base", None)
+    if base is None:
+        return raw, lines
+    at = f"{path}:{lines.get('base', (path, 1))[1]}"
+    if not isinstance(base, str) or not base:
+        raise RecipeError([f"{at}: base: expected a shipped recipe name or a path, got {base!r}"])
+    base_path = resolve_recipe_path(base, relative_to=path)
+    if not base_path.is_file():
+        raise RecipeError([f"{at}: base: no recipe {base!r} (neither a file next to {path.name} nor a shipped recipe)"])
+    if base_path.resolve() in {p.resolve() for p in (*chain, path)}:
+        raise RecipeError([f"{at}: base: {base!r} leads back to {path.name}; recipes cannot be their own base"])
+    base_raw, base_lines = _read_with_bases(base_path, (*chain, path))
+    base_raw.pop("name", None)  # a recipe is named after its own file
+    merged = _merge_recipe(base_raw, raw)
+    return merged, {**{k: v for k, v in base_lines.items() if _kept(k, merged)}, **lines}
+
+
+def _merge_recipe(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` deep-merged over ``base``; another method or data source replaces the base's section."""
+    base = _deepcopy(base)
+    method, base_method = child.get("method"), base.get("method")
+    if (
+        isinstance(method, dict)
+        and isinstance(base_method, dict)
+        and method.get("name", base_method.get("name")) != (base_method.get("name"))
+    ):
+        base.pop("method")
+    data, base_data = child.get("data"), base.get("data")
+    if isinstance(data, dict) and isinstance(base_data, dict) and "source" in data:
+        old = base_data.get("source", DataConfig.source)
+        if data["source"] != old:
+            base_data.pop(old, None)
+    return _deep_merge(base, child)
+
+
+def _deep_merge(base: Any, child: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(child, dict)):
+        return _deepcopy(child)
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = _deep_merge(base[key], value) if key in base else _deepcopy(value)
+    return out
+
+
+def _kept(key: str, merged: dict[str, Any]) -> bool:
+    """Whether dotted ``key`` (from a base) is still in the merged recipe."""
+    node: Any = merged
+    for part in key.replace("[", ".[").split("."):
+        if part.startswith("["):
+            continue
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def recipe_from_dict(

@@ -111,3 +111,43 @@ def test_method_options_validate_against_the_method_config():
     assert cfg.rank == 4
     with pytest.raises(RecipeError, match=r"method\.rank: expected a value >= 1, got 0"):
         method_config("lora", rank=0)
+
+
+def test_base_recipes_merge_and_errors_name_the_file_that_holds_the_key(tmp_path):
+    write(tmp_path, GOOD.replace("  epochs: 1", "  epochs: 1\n  batch_size: 7"))  # r.yaml
+    child = tmp_path / "child.yaml"
+    child.write_text("base: r.yaml\nmethod: {name: lora, rank: 4}\ntrain: {lr: 5e-3}\n")
+    r = load_recipe(child)
+    assert (r.name, r.method_name, r.method.rank) == ("child", "lora", 4)
+    assert (r.train.lr, r.train.epochs, r.train.batch_size) == (5e-3, 1, 7)  # merged: child wins, base fills in
+    assert "base" not in r.to_dict() and load_recipe(child).to_dict() == r.to_dict()
+    bad_base = write(tmp_path, GOOD.replace("  epochs: 1", "  epochs: 0"))
+    with pytest.raises(RecipeError, match=rf"{bad_base}:9: train\.epochs: expected a value >= 1"):
+        load_recipe(child)
+    child.write_text("base: r.yaml\ntrain: {lrr: 1}\n")
+    with pytest.raises(RecipeError, match=rf"{child}:2: train\.lrr: unknown key"):
+        load_recipe(child)
+
+
+def test_shipped_base_and_bad_bases(tmp_path):
+    child = tmp_path / "c.yaml"
+    child.write_text("base: quickstart\nmethod: {name: linear}\ntrain: {epochs: 2}\n")
+    r = load_recipe(child)
+    assert (r.method_name, r.train.epochs, r.backbone.model) == ("linear", 2, "tf_efficientnet_lite0")
+    child.write_text("base: nowhere.yaml\n")
+    with pytest.raises(RecipeError, match=r"c\.yaml:1: base: no recipe 'nowhere\.yaml'"):
+        load_recipe(child)
+    child.write_text("base: c.yaml\n")
+    with pytest.raises(RecipeError, match=r"base: 'c\.yaml' leads back to c\.yaml"):
+        load_recipe(child)
+    child.write_text("base: [1]\n")
+    with pytest.raises(RecipeError, match=r"base: expected a shipped recipe name or a path"):
+        load_recipe(child)
+
+
+def test_another_data_source_replaces_the_base_section(tmp_path):
+    write(tmp_path, GOOD.replace("  source: synthetic\n", "  source: synthetic\n  synthetic: {num_classes: 3}\n"))
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: r.yaml\ndata: {{source: folder, folder: {{root: {tmp_path}}}}}\n")
+    r = load_recipe(child)
+    assert r.data.source == "folder" and r.data.options.root == str(tmp_path)
