@@ -98,6 +98,13 @@ class TrainConfig:
     log_every: int = opt(10, "log a training line every N steps", ge=1)
     device: str = opt("auto", "`auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`")
     threads: int | None = opt(None, "torch CPU threads; default: torch's choice", ge=1)
+    ema: bool = opt(False, "keep an exponential moving average of the weights (timm's ModelEmaV3)")
+    ema_decay: float = opt(0.9998, "EMA decay per optimizer step (with timm's warm-up of the decay)", gt=0.0, lt=1.0)
+    ema_final: bool = opt(
+        True,
+        "with ema: validate, select (best) and keep the EMA weights as the run's weights; false: keep the raw ones and "
+        "report the EMA's validation accuracy beside them",
+    )
     prefix_cache: Literal["auto", "off"] = opt(
         "auto",
         "compute the frozen layers before the first trainable block once per image instead of every epoch, where "

@@ -120,14 +120,30 @@ class Run:
     state: LoopState = field(default_factory=LoopState)
     timing: Timing = field(default_factory=Timing)
     prefix: Any = None  # an adaptune.prefix.PrefixCache when the frozen prefix is cached
+    ema: Any = None  # a timm ModelEmaV3 with train.ema
 
-    def forwarding(self) -> contextlib.AbstractContextManager[None]:
-        """The context every forward runs in: from cached features when the prefix cache is on."""
-        return self.prefix.active(self.model) if self.prefix is not None else contextlib.nullcontext()
+    def forwarding(self, model: nn.Module | None = None) -> contextlib.AbstractContextManager[None]:
+        """The context a forward of ``model`` runs in: from cached features when the prefix cache is on."""
+        if self.prefix is None:
+            return contextlib.nullcontext()
+        return self.prefix.active(model if model is not None else self.model)
 
     @property
     def model(self) -> nn.Module:
+        """The model that trains."""
         return self.built.model
+
+    @property
+    def selected(self) -> nn.Module:
+        """The weights a run validates, selects and keeps: the EMA's with ``train.ema`` (and ``ema_final``)."""
+        return self.ema.module if self.ema is not None and self.recipe.train.ema_final else self.model
+
+    @property
+    def other(self) -> tuple[str, nn.Module] | None:
+        """With EMA, the other weights and their name (``raw`` or ``ema``): checkpointed and validated beside."""
+        if self.ema is None:
+            return None
+        return ("raw", self.model) if self.recipe.train.ema_final else ("ema", self.ema.module)
 
     @property
     def num_epochs(self) -> int:
@@ -157,7 +173,22 @@ class Run:
                 "rng": _get_rng_state(),
                 "recipe": self.recipe.to_dict(),  # resume refuses a recipe.yaml edited since
             }
-            artifacts.save_checkpoint(self.dir / "checkpoints" / which, self.model, self.manifest, trainer_state)
+            if self.other is not None:  # the weights not in adapter_model.safetensors, for --resume
+                name, model = self.other
+                trainer_state[f"{name}_weights"] = artifacts.adapter_state_dict(model)
+            artifacts.save_checkpoint(self.dir / "checkpoints" / which, self.selected, self.manifest, trainer_state)
+
+    def load(self, ckpt: Path) -> dict[str, Any]:
+        """Load a checkpoint's weights (and the other weights of an EMA run); return its trainer state."""
+        ts = artifacts.load_trainer_state(ckpt)
+        tensors, _ = artifacts.load_safetensors(ckpt / artifacts.ADAPTER_WEIGHTS)
+        artifacts.load_adapter_state(self.selected, tensors, ckpt)
+        if self.other is not None:
+            name, model = self.other
+            if f"{name}_weights" not in ts:
+                raise ArtifactError(f"{ckpt}: no {name} weights in the trainer state; it was saved without train.ema")
+            artifacts.load_adapter_state(model, ts[f"{name}_weights"], ckpt)
+        return ts
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -309,6 +340,7 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
         total_steps=total_steps,
         say=say,
         prefix=cache,
+        ema=_ema(b.model, cfg),
     )
     if ckpt is not None:
         _restore(run, ckpt)
@@ -319,6 +351,15 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
     sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())
     say(f"{sizes} images, {b.info.num_classes} classes, {total_steps} steps of batch {cfg.batch_size}")
     return run
+
+
+def _ema(model: nn.Module, cfg: Any) -> Any:
+    """timm's ModelEmaV3 of the model (with its warm-up of the decay), or None without ``train.ema``."""
+    if not cfg.ema:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
 
 
 def _prefix_cache(recipe: Recipe, b: Built, loaders: Loaders, run_dir: Path, say: Callable[[str], None]) -> Any:
@@ -476,9 +517,7 @@ def _optimizer_and_schedule(
 
 def _restore(run: Run, ckpt: Path) -> None:
     """Load the checkpoint's weights, optimizer, scaler, loop position and RNG state."""
-    ts = artifacts.load_trainer_state(ckpt)
-    tensors, _ = artifacts.load_safetensors(ckpt / artifacts.ADAPTER_WEIGHTS)
-    artifacts.load_adapter_state(run.model, tensors, ckpt)
+    ts = run.load(ckpt)
     try:
         run.optimizer.load_state_dict(ts["optimizer"])
         if ts.get("scaler"):
@@ -567,6 +606,8 @@ def _optimizer_step(run: Run) -> None:
     run.optimizer.zero_grad(set_to_none=True)
     run.state.step += 1
     run.scheduler.step_update(run.state.step)
+    if run.ema is not None:
+        run.ema.update(run.model, step=run.state.step)
 
 
 def _log_step(run: Run, loss: Loss, bar: Any) -> None:
@@ -615,12 +656,14 @@ def _progress_bar(run: Run, total: int, progress: bool) -> Iterator[Any]:
 # end of an epoch, end of the run
 
 
-def _evaluate(run: Run, loader: Any) -> dict[str, Any]:
+def _evaluate(run: Run, loader: Any, model: nn.Module | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` (default: the run's selected weights) on ``loader``."""
     from adaptune.evaluate import evaluate
 
-    with run.forwarding():
+    model = model if model is not None else run.selected
+    with run.forwarding(model):
         return evaluate(
-            run.model,
+            model,
             loader,
             run.device,
             run.built.info.num_classes,
@@ -643,6 +686,9 @@ def _end_epoch(run: Run, stats: EpochStats) -> None:
         if not math.isfinite(val["loss"]):
             run.log_metrics(record)  # the record of what happened; no checkpoint of these weights
             raise _divergence(run, "the validation loss", val["loss"])
+        if run.other is not None:
+            name, model = run.other
+            record[f"val_top1_{name}"] = _evaluate(run, run.loaders.val, model)["top1"]
         if "diagnostics" in val:
             record["val_diagnostics"] = {k: v for k, v in val["diagnostics"].items() if k != "warnings"}
             for warning in val["diagnostics"].get("warnings", []):
@@ -694,14 +740,12 @@ def _finish(run: Run) -> dict[str, Any]:
         if state.best_epoch == state.epoch:  # the last weights are the best ones: no second test pass
             test_best = test_last
         else:
-            best = artifacts.find_checkpoint(run.dir, "best")
-            tensors, _ = artifacts.load_safetensors(best / artifacts.ADAPTER_WEIGHTS)
-            artifacts.load_adapter_state(run.model, tensors, best)
+            run.load(artifacts.find_checkpoint(run.dir, "best"))
             if run.loaders.test is not None:
                 test_best = _evaluate(run, run.loaders.test)["top1"]
     if run.dist.is_main:
         artifacts.save_safetensors(
-            artifacts.adapter_state_dict(run.model),
+            artifacts.adapter_state_dict(run.selected),
             run.dir / artifacts.ADAPTER_WEIGHTS,
             {**run.manifest, "checkpoint": selected},
         )
@@ -717,6 +761,7 @@ def _finish(run: Run) -> dict[str, Any]:
         "test_top1_best": test_best,
         "test_top1_last": test_last,
         "final_weights": selected,
+        "ema_weights": run.ema is not None and run.recipe.train.ema_final,  # the kept weights are the EMA's
         "train_loss_terms": {k.removeprefix("train_"): v for k, v in last.items() if _is_term(k)},
         "warnings": list(state.warnings),
         "trainable_params": run.built.trainable,

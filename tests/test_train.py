@@ -97,3 +97,38 @@ def test_backbone_eval_mode_keeps_adapters_training():
     set_train_mode(model, backbone_train=False)
     wrapper = model.blocks[0].attn.qkv
     assert wrapper.training and not wrapper.base.training and not model.blocks[0].mlp.training
+
+
+def test_ema_weights_are_validated_kept_resumed_and_merged(tmp_path):
+    """With train.ema the EMA weights are the run's weights: validated, checkpointed, resumed exactly, merged."""
+    from adaptune.loading import load_artifact
+    from adaptune.merge import logits, merge
+
+    recipe = tiny_recipe("lora", train={"epochs": 3, "ema": True, "ema_decay": 0.9, "lr": 1e-2})
+    straight = train(recipe, out_dir=tmp_path / "straight")
+    assert straight.summary["ema_weights"] is True
+    epochs = [json.loads(x) for x in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all("val_top1_raw" in e for e in epochs if "val_top1" in e), "the raw weights are validated beside"
+    saved, _ = load_safetensors(straight.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
+    raw = torch.load(straight.run_dir / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)["raw_weights"]
+    key = next(k for k in saved if "lora_b" in k)
+    assert not torch.equal(saved[key], raw[key]), "the checkpoint keeps EMA and raw weights apart"
+
+    def interrupt(step: int) -> None:
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(recipe, out_dir=tmp_path / "resumed", on_step=interrupt)
+    resumed = train(recipe, out_dir=tmp_path / "resumed", resume=True)
+    a, b = final_weights(straight.run_dir), final_weights(resumed.run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resume equals uninterrupted, EMA included"
+
+    report = merge(straight.run_dir, tmp_path / "m.safetensors")
+    art = load_artifact(straight.run_dir)
+    x = art.input.example(3)
+    assert report["max_abs_diff"] <= report["tolerance"]
+    torch.testing.assert_close(logits(load_artifact(tmp_path / "m.safetensors").model, x), logits(art.model, x))
+    tensors, _ = load_safetensors(straight.run_dir / "adapter_model.safetensors")
+    best_ema, _ = load_safetensors(straight.run_dir / "checkpoints" / "best" / "adapter_model.safetensors")
+    assert all(torch.equal(tensors[k], best_ema[k]) for k in tensors), "the run's weights are the best EMA weights"
