@@ -56,6 +56,43 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
+class AugmentConfig:
+    crop: Literal["none", "random_resized", "random"] = opt(
+        "none",
+        "training crop: `random_resized` (timm's RandomResizedCrop, ImageNet style), `random` (a random crop from "
+        "the stored size, the VPT/FGVC protocol: resize 256, crop 224) or none",
+    )
+    resize: int | None = opt(
+        None, "side the images are stored at before cropping; default: img_size / 0.875 (224 -> 256) with a crop", ge=8
+    )
+    scale: tuple[float, float] = opt((0.08, 1.0), "random_resized: range of the crop's area fraction", gt=0.0, le=1.0)
+    ratio: tuple[float, float] = opt((0.75, 4 / 3), "random_resized: range of the crop's aspect ratio", gt=0.0)
+    auto_augment: str | None = opt(
+        None, "timm auto-augment string, e.g. `rand-m9-mstd0.5-inc1` (RandAugment), `original`, `v0` (AutoAugment)"
+    )
+    color_jitter: float | None = opt(None, "color jitter strength (timm; ignored when auto_augment is set)", ge=0.0)
+    re_prob: float = opt(0.0, "probability of timm's random erasing per image", ge=0.0, le=1.0)
+    re_mode: Literal["const", "rand", "pixel"] = opt("pixel", "random erasing fill: const, rand (per channel) or pixel")
+    mixup: float = opt(0.0, "mixup alpha (timm Mixup); 0: off", ge=0.0)
+    cutmix: float = opt(0.0, "cutmix alpha (timm Mixup); 0: off", ge=0.0)
+    mix_prob: float = opt(1.0, "probability of applying mixup/cutmix to a batch", ge=0.0, le=1.0)
+    switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on", ge=0.0, le=1.0)
+
+    @property
+    def per_image(self) -> bool:
+        """Any per-image transform beyond flips (what the frozen-prefix cache cannot replay)."""
+        return self.crop != "none" or bool(self.auto_augment) or bool(self.color_jitter) or self.re_prob > 0
+
+    @property
+    def mixing(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def active(self) -> bool:
+        return self.per_image or self.mixing
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = opt("builtin", "where the images come from: a registered data source (`adaptune sources`)")
     train_split: str = opt("train", "split to train on (`vtab`: train800 or train800val200)")
@@ -71,6 +108,9 @@ class DataConfig:
     hflip: bool = opt(False, "random horizontal flips while training")
     cache: bool = opt(True, "keep decoded, resized images in memory (uint8)")
     workers: int = opt(0, "DataLoader worker processes", ge=0)
+    augment: AugmentConfig = opt(
+        factory=AugmentConfig, help="training augmentation (timm's crops, auto-augment, erasing, mixup); off by default"
+    )
     options: Any = internal()  # the chosen source's options: the recipe's `data.<source>` section
 
 

@@ -152,6 +152,8 @@ class Run:
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
 
+        if targets.ndim == 2:  # soft targets (mixup / cutmix): smoothing is already folded in
+            return F.cross_entropy(logits.float(), targets)
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.recipe.train.label_smoothing)
 
     def reducer(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
@@ -315,6 +317,8 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
         pin_memory=device.type == "cuda",
         rank=dist.rank,
         world_size=dist.world_size,
+        num_classes=b.info.num_classes,
+        label_smoothing=cfg.label_smoothing,
     )
     loaders.prefill()  # a broken image fails now, before the run directory holds anything
     cache, loaders = _prefix_cache(recipe, b, loaders, run_dir, say)
@@ -370,6 +374,8 @@ def _prefix_cache(recipe: Recipe, b: Built, loaders: Loaders, run_dir: Path, say
     if cfg.prefix_cache == "off":
         return None, loaders
     p, why = prefix.plan(b.model)
+    if p is not None and recipe.data.augment.active:
+        p, why = None, "data.augment transforms every image before the frozen layers"
     if p is not None:
         example = b.input.example(2).to(next(b.model.parameters()).device)
         why = prefix.check(b.model, p, example, lambda m: set_train_mode(m, recipe.backbone.train_mode))

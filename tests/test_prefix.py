@@ -88,6 +88,20 @@ def test_the_cache_stays_off_where_it_could_change_results(tmp_path, sections, r
     assert any(line.startswith("prefix cache: off (") and reason in line for line in lines), lines
 
 
+def test_augmentation_turns_the_cache_off(tmp_path):
+    lines: list[str] = []
+    recipe = tiny_recipe(
+        "adapter",
+        tmp_path,
+        backbone=EFFNET,
+        method=ADAPTER_LATE,
+        data={"img_size": 32, "augment": {"crop": "random"}},
+        train={"epochs": 1},
+    )
+    train(recipe, log=lines.append)
+    assert "prefix cache: off (data.augment transforms every image before the frozen layers)" in lines
+
+
 def test_features_spill_to_disk_beyond_the_budget_and_are_removed(tmp_path):
     lines: list[str] = []
     on, off = run_twice(

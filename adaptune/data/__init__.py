@@ -245,6 +245,8 @@ def build_loaders(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
+    num_classes: int | None = None,
+    label_smoothing: float = 0.0,
 ) -> Loaders:
     """Training, validation and test loaders for the configured splits.
 
@@ -262,14 +264,19 @@ def build_loaders(
         rank: This process's rank.
         world_size: Number of processes.
         drop_last: Drop the last incomplete training batch.
+        num_classes: Classes, for Mixup's soft targets (``data.augment``); default: the dataset's.
+        label_smoothing: ``train.label_smoothing``, folded into Mixup's soft targets.
 
     Raises:
         DataError: As `describe`, and when ``drop_last`` leaves no training batch.
     """
+    from adaptune.data.augment import TrainAugment, stored_size
+
     source = open_source(cfg)
     info = _info(cfg, source)
     splits = {role: source.load(split, key) for role, split, key in _roles(cfg)}
-    datasets = _datasets(cfg, splits, spec.size)
+    stored = stored_size(cfg.augment, spec.size)
+    datasets = _datasets(cfg, splits, stored)
 
     sampler = EpochSampler(len(datasets["train"]), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     if drop_last and sampler.num_samples < batch_size:
@@ -277,16 +284,32 @@ def build_loaders(
             f"train.batch_size: {batch_size} is larger than the {sampler.num_samples} training images per process "
             f"({cfg.train_split!r}); lower train.batch_size"
         )
-    collate = Collate(spec.mean, spec.std, spec.channels, flip_sampler=sampler if cfg.hflip else None)
+    augment = None
+    if cfg.augment.active:
+        n = num_classes or info.num_classes
+        augment = TrainAugment(cfg.augment, spec, cfg.hflip, cfg.interpolation, n, label_smoothing)
+    collate = Collate(
+        spec.mean,
+        spec.std,
+        spec.channels,
+        flip_sampler=sampler if cfg.hflip and augment is None else None,
+        augment=augment,
+        sampler=sampler,
+    )
     train = _loader(datasets["train"], sampler, batch_size, collate, cfg, pin_memory=pin_memory, drop_last=drop_last)
     evals: dict[str, DataLoader | None] = {"val": None, "test": None}
+    eval_collate = Collate(spec.mean, spec.std, spec.channels, crop=_eval_crop(cfg, stored, spec.size))
     for role in ("val", "test"):
         if role in datasets:
             shard = ShardSampler(len(datasets[role]), rank, world_size)
-            evals[role] = _loader(
-                datasets[role], shard, eval_batch_size, Collate(spec.mean, spec.std, spec.channels), cfg, pin_memory
-            )
+            evals[role] = _loader(datasets[role], shard, eval_batch_size, eval_collate, cfg, pin_memory)
     return Loaders(info=info, train=train, val=evals["val"], test=evals["test"], train_sampler=sampler)
+
+
+def _eval_crop(cfg: DataConfig, stored: tuple[int, int], size: tuple[int, int]) -> tuple[int, int] | None:
+    """Evaluation with a cropping augmentation: the centre crop of the stored images (None: stored at model size)."""
+    del cfg
+    return size if stored != size else None
 
 
 def build_eval_loader(cfg: DataConfig, split: str, *, spec: InputSpec, batch_size: int) -> DataLoader:
@@ -305,5 +328,9 @@ def build_eval_loader(cfg: DataConfig, split: str, *, spec: InputSpec, batch_siz
     data = source.load(split, "--split")
     if len(data.labels) == 0:
         raise DataError(f"--split: split {split!r} holds no images; choose another split")
-    dataset = _datasets(cfg, {"eval": data}, spec.size)["eval"]
-    return _loader(dataset, ShardSampler(len(dataset)), batch_size, Collate(spec.mean, spec.std, spec.channels), cfg)
+    from adaptune.data.augment import stored_size
+
+    stored = stored_size(cfg.augment, spec.size)
+    dataset = _datasets(cfg, {"eval": data}, stored)["eval"]
+    collate = Collate(spec.mean, spec.std, spec.channels, crop=_eval_crop(cfg, stored, spec.size))
+    return _loader(dataset, ShardSampler(len(dataset)), batch_size, collate, cfg)

@@ -226,6 +226,10 @@ class Collate:
         std: Per-channel std, one value per model input channel.
         channels: The model's input channels (1 or 3).
         flip_sampler: The training sampler whose epoch decides the flips; None: no flips.
+        augment: Training augmentation (`adaptune.data.augment.TrainAugment`), seeded from ``sampler``'s epoch; it
+            replaces ``flip_sampler``'s flips.
+        sampler: The training sampler (its seed and epoch) for ``augment``.
+        crop: Centre-crop the images to this ``(H, W)`` first (evaluation with a cropping augmentation).
     """
 
     LUMA = (0.299, 0.587, 0.114)
@@ -236,6 +240,9 @@ class Collate:
         std: Sequence[float],
         channels: int = 3,
         flip_sampler: EpochSampler | None = None,
+        augment: Any = None,
+        sampler: EpochSampler | None = None,
+        crop: tuple[int, int] | None = None,
     ):
         if len(mean) != channels or len(std) != channels:
             raise ValueError(f"Collate: {channels} channels need as many mean/std values, got {len(mean)}/{len(std)}")
@@ -244,6 +251,9 @@ class Collate:
         self.scale = 1.0 / (255.0 * std_t)
         self.shift = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1) / std_t
         self.flip_sampler = flip_sampler
+        self.augment = augment
+        self.sampler = sampler
+        self.crop = crop
         self._flips: tuple[int, torch.Tensor] | None = None
 
     def _flip_mask(self, sampler: EpochSampler, idx: torch.Tensor) -> torch.Tensor:
@@ -253,7 +263,13 @@ class Collate:
 
     def __call__(self, batch: Sequence[Any]) -> Batch:
         images, labels, idx, task_ids = batch  # from `ImageSplit.__getitems__`: (B, C, H, W) uint8, (B,), (B,), (B,)
-        if self.flip_sampler is not None:
+        if self.crop is not None:
+            from adaptune.data.augment import center_crop
+
+            images = center_crop(images, self.crop)
+        if self.augment is not None and self.sampler is not None:
+            images = self.augment.images(images, idx, self.sampler.seed, self.sampler.epoch)
+        elif self.flip_sampler is not None:
             for i in self._flip_mask(self.flip_sampler, idx).nonzero().flatten().tolist():
                 images[i] = images[i].flip(-1)  # in place: `ImageSplit` returns a fresh batch
         x = images.to(torch.float32)
@@ -263,4 +279,7 @@ class Collate:
             x = x.mul_(self.scale)
         else:
             x = x * self.scale  # gray (B, 1, H, W) broadcasts to (B, 3, H, W)
-        return Batch(inputs=x.sub_(self.shift), targets=labels, task_ids=task_ids, extras={"index": idx})
+        out = Batch(inputs=x.sub_(self.shift), targets=labels, task_ids=task_ids, extras={"index": idx})
+        if self.augment is not None and self.sampler is not None:
+            out = self.augment.erase_and_mix(out, idx, self.sampler.seed, self.sampler.epoch)
+        return out
