@@ -53,6 +53,9 @@ class BackboneConfig:
         "timm's own (EfficientNet's is wide: a first-epoch loss near 6 on 10 classes)",
     )
     model_kwargs: dict[str, Any] = opt(factory=dict, help="extra keyword arguments for `timm.create_model`")
+    grad_checkpointing: bool = opt(
+        False, "recompute block activations in the backward pass (timm's set_grad_checkpointing): less memory, slower"
+    )
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class TrainConfig:
     log_every: int = opt(10, "log a training line every N steps", ge=1)
     device: str = opt("auto", "`auto` (CUDA if available), `cpu`, `cuda` or `cuda:N`")
     threads: int | None = opt(None, "torch CPU threads; default: torch's choice", ge=1)
+    compile: bool = opt(False, "compile the training forward with torch.compile (a warm-up cost, then faster steps)")
+    channels_last: bool = opt(False, "channels-last memory format for the model and image batches (CNNs on GPU)")
     ema: bool = opt(False, "keep an exponential moving average of the weights (timm's ModelEmaV3)")
     ema_decay: float = opt(0.9998, "EMA decay per optimizer step (with timm's warm-up of the decay)", gt=0.0, lt=1.0)
     ema_final: bool = opt(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptune import artifacts
-from adaptune.errors import AdaptuneError, ArtifactError, DivergenceError
+from adaptune.errors import AdaptuneError, ArtifactError, DivergenceError, RecipeError
 from adaptune.files import to_json
 
 if TYPE_CHECKING:
@@ -332,7 +332,7 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
         dist=dist,
         device=device,
         built=b,
-        train_model=_distributed_model(b, dist),
+        train_model=_training_model(b, dist, recipe),
         loaders=loaders,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -485,12 +485,25 @@ def recipe_differences(a: dict[str, Any], b: dict[str, Any], ignore: tuple[str, 
     return [k for k in keys if not any(k == i or k.startswith(i + ".") for i in ignore)]
 
 
-def _distributed_model(b: Built, dist: Dist) -> nn.Module:
-    if not dist.enabled:
-        return b.model
-    from torch.nn.parallel import DistributedDataParallel
+def _training_model(b: Built, dist: Dist, recipe: Recipe) -> nn.Module:
+    """The model the training forward calls: with the speed switches applied, wrapped in DDP under torchrun, and
+    compiled with ``train.compile`` (evaluation runs the eager model)."""
+    import torch
 
-    return DistributedDataParallel(b.model, find_unused_parameters=b.spec.find_unused_parameters)
+    model: nn.Module = b.model
+    if recipe.backbone.grad_checkpointing:
+        if not callable(getattr(model, "set_grad_checkpointing", None)):
+            raise RecipeError([f"backbone.grad_checkpointing: {type(model).__name__} has no set_grad_checkpointing"])
+        model.set_grad_checkpointing(True)
+    if recipe.train.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model, find_unused_parameters=b.spec.find_unused_parameters)
+    if recipe.train.compile:
+        model = torch.compile(model)
+    return model
 
 
 def _optimizer_and_schedule(
@@ -542,6 +555,15 @@ def _restore(run: Run, ckpt: Path) -> None:
 # steps
 
 
+def _to_device(run: Run, batch: Batch) -> Batch:
+    import torch
+
+    batch = batch.to(run.device, non_blocking=True)
+    if run.recipe.train.channels_last and batch.inputs.ndim == 4:
+        batch.inputs = batch.inputs.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
 def _compute_loss(run: Run, batch: Batch) -> Loss:
     """The method's training loss, or cross-entropy on its forward's logits."""
     from adaptune.batch import Loss
@@ -571,7 +593,7 @@ def _train_epoch(run: Run, stop: _StopFlag, progress: bool, on_step: Callable[[i
         for batch in run.loaders.train:
             t1 = time.perf_counter()
             run.timing.data += t1 - t0
-            batch = batch.to(run.device, non_blocking=True)
+            batch = _to_device(run, batch)
             loss = _compute_loss(run, batch)
             if not torch.isfinite(loss.total):
                 raise _divergence(run, "loss", loss.total.item())
