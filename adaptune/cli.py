@@ -23,9 +23,28 @@ app = typer.Typer(
     help="Parameter-efficient fine-tuning of timm backbones: MoSA, adapters, LoRA. Recipes in, deployable weights out.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from adaptune import __version__
+
+        print(f"adaptune {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Parameter-efficient fine-tuning of timm backbones: MoSA, Adapter-X, adapters, LoRA and the VTAB zoo. Recipes
+    in, deployable weights out."""
+
 
 Debug = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (logs go to stderr).")]

@@ -150,3 +150,13 @@ def test_ctrl_c_exits_130_and_resume_finishes(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["steps"] == 40 * 3  # 12 images, batch 4
+
+
+def test_version_and_shell_completion():
+    from adaptune import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"adaptune {__version__}"
+    result = runner.invoke(app, ["--show-completion", "bash"])
+    assert result.exit_code == 0 and "_adaptune_completion" in result.stdout
+    assert "--install-completion" in runner.invoke(app, ["--help"]).stdout
