@@ -399,6 +399,34 @@ def sweep(
 
 
 @app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories (each with a metrics.jsonl).")],
+    out: Annotated[Path, typer.Option("--out", help="Image to write: .png (also .svg, .pdf).")] = Path("curves.png"),
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metric", help="Panel (loss, accuracy, lr) or logged key (val_top5, kl); repeatable; default: all three."
+        ),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Loss, accuracy and learning-rate curves of one or several runs, overlaid.
+
+    Examples:
+      adaptune plot runs/lora-cifar --out curves.png
+      adaptune plot runs/lora-a runs/mosa-a --out compare.png --metric loss --metric val_top5
+    """
+
+    def go() -> None:
+        from adaptune.plot import plot as plot_fn
+
+        print(plot_fn(runs, out, metrics=metric, overwrite=overwrite))
+
+    _run(go, debug)
+
+
+@app.command()
 def methods(
     backbone: Annotated[
         str | None,
@@ -473,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     errors (unknown options, missing arguments) are one ``adaptune: error:`` line with exit code 2."""
     exc = _click_exceptions()
     signal.signal(signal.SIGTERM, _terminate)
+    _show_library_warnings()
     try:
         code = app(args=argv, prog_name="adaptune", standalone_mode=False)
     except typer.Exit as e:
@@ -488,6 +517,20 @@ def main(argv: list[str] | None = None) -> None:
         _err("interrupted")
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _show_library_warnings() -> None:
+    """Warnings adaptune's modules log (``logging.getLogger("adaptune...")``) as ``warning: ...`` lines on stderr."""
+    import logging
+
+    log = logging.getLogger("adaptune")
+    if not any(getattr(h, "adaptune_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        handler.adaptune_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
 
 
 def _click_exceptions():

@@ -165,6 +165,20 @@ class TrainConfig:
 class OutputConfig:
     dir: str | None = opt(None, "run directory; default: runs/<recipe name>-<timestamp>")
     save_best: bool = opt(True, "keep the checkpoint with the best validation top-1")
+    report_to: tuple[str, ...] = opt(
+        (),
+        "experiment trackers that get every metrics.jsonl record: `csv` (metrics.csv, epochs.csv), `tensorboard` "
+        "(<run>/tensorboard/), `wandb` (honours WANDB_MODE; offline logs locally for `wandb sync`); tensorboard and "
+        "wandb are extras: pip install 'adaptune[tensorboard]' / 'adaptune[wandb]'",
+    )
+    wandb_project: str | None = opt(None, "W&B project (default: $WANDB_PROJECT, else 'adaptune')")
+
+    def __post_init__(self) -> None:
+        from adaptune.tracking import problems
+
+        found = problems(self.report_to, installed=False)
+        if found:
+            raise ValueError(found[0].removeprefix("output."))
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ class Run:
     timing: Timing = field(default_factory=Timing)
     prefix: Any = None  # an adaptune.prefix.PrefixCache when the frozen prefix is cached
     ema: Any = None  # a timm ModelEmaV3 with train.ema
+    tracker: Any = None  # adaptune.tracking.Tracker: output.report_to
 
     def forwarding(self, model: nn.Module | None = None) -> contextlib.AbstractContextManager[None]:
         """The context a forward of ``model`` runs in: from cached features when the prefix cache is on."""
@@ -165,6 +166,8 @@ class Run:
         if self.dist.is_main:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write(to_json(record) + "\n")
+            if self.tracker is not None:
+                self.tracker.log(record)
 
     def save(self, which: str) -> None:
         if self.dist.is_main:
@@ -239,6 +242,8 @@ def train(
         finally:
             if run.prefix is not None:
                 run.prefix.close()  # memory-mapped feature files go away with the run
+            if run.tracker is not None:
+                run.tracker.close()
         stop.check("while testing the final weights", f"the last checkpoint is saved; finish with: {_resume_cmd(run)}")
         summary.update(
             wall_time_s=time.perf_counter() - wall_start,
@@ -306,6 +311,10 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ckpt = _checkpoint_to_resume(run_dir, recipe, say) if resume else _check_new_run_dir(run_dir, say)
+    if dist.is_main:
+        from adaptune import tracking
+
+        tracking.check(recipe.output.report_to)  # a missing package fails before anything is written
     b = build(recipe)
     b.model.to(device)
     loaders = data.build_loaders(
@@ -350,6 +359,17 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
         _restore(run, ckpt)
     elif dist.is_main:
         _write_new_run(run)
+    if dist.is_main and recipe.output.report_to:
+        from adaptune import tracking
+
+        run.tracker = tracking.open_trackers(
+            recipe.output.report_to,
+            run_dir,
+            recipe.to_dict(),
+            resume=ckpt is not None,
+            resume_step=run.state.step if ckpt is not None else None,
+            say=say,
+        )
     scheduler.step_update(run.state.step)
     say(f"{recipe.method_name} on {recipe.backbone.model}: {parameter_line(b.trainable, b.total)}")
     sizes = " / ".join(f"{n} {split}" for split, n in b.info.split_sizes.items())

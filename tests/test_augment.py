@@ -13,7 +13,7 @@ from conftest import tiny_recipe
 from adaptune.artifacts import load_safetensors
 from adaptune.batch import InputSpec
 from adaptune.data import build_eval_loader, build_loaders
-from adaptune.data.augment import center_crop
+from adaptune.data.pipeline import center_crop
 from adaptune.data.sources.synthetic import SyntheticConfig
 from adaptune.recipe import AugmentConfig, DataConfig
 from adaptune.train import Interrupted, train

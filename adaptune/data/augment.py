@@ -39,13 +39,6 @@ def stored_size(cfg: AugmentConfig, size: tuple[int, int]) -> tuple[int, int]:
     return round(size[0] / 0.875), round(size[1] / 0.875)
 
 
-def center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """The centre ``(H, W)`` of ``(B, C, H', W')`` images."""
-    h, w = images.shape[-2:]
-    top, left = (h - size[0]) // 2, (w - size[1]) // 2
-    return images[..., top : top + size[0], left : left + size[1]]
-
-
 class TrainAugment:
     """The per-image and per-batch training transforms (module docstring), picklable for DataLoader workers.
 

@@ -213,6 +213,13 @@ def flip_decisions(seed: int, epoch: int, size: int) -> torch.Tensor:
     return torch.rand(size, generator=g) < 0.5
 
 
+def center_crop(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centre ``(H, W)`` of ``(B, C, H', W')`` images."""
+    h, w = images.shape[-2:]
+    top, left = (h - size[0]) // 2, (w - size[1]) // 2
+    return images[..., top : top + size[0], left : left + size[1]]
+
+
 class Collate:
     """Turns a uint8 batch into a `Batch` of float32 ``(B, C, H, W)`` inputs: flip, match channels, normalise.
 
@@ -264,8 +271,6 @@ class Collate:
     def __call__(self, batch: Sequence[Any]) -> Batch:
         images, labels, idx, task_ids = batch  # from `ImageSplit.__getitems__`: (B, C, H, W) uint8, (B,), (B,), (B,)
         if self.crop is not None:
-            from adaptune.data.augment import center_crop
-
             images = center_crop(images, self.crop)
         if self.augment is not None and self.sampler is not None:
             images = self.augment.images(images, idx, self.sampler.seed, self.sampler.epoch)
