@@ -7,11 +7,16 @@ method first.
 from adaptune.methods import (  # noqa: F401  (each module registers its methods on import)
     adapter,
     bitfit,
+    compacter,
+    convpass,
+    fact,
     full,
     linear,
     lora,
     mosa,
+    norm_tuning,
     repadapter,
+    resadapter,
     ssf,
     vpt,
 )
