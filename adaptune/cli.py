@@ -427,6 +427,37 @@ def plot(
 
 
 @app.command()
+def push(
+    export_dir: Annotated[Path, typer.Argument(help="Folder written by adaptune export --format timm or peft.")],
+    repo_id: Annotated[str, typer.Argument(help="Hub model repository: NAME or USER/NAME (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the files that would be uploaded; send nothing.")
+    ] = False,
+    json_: Json = False,
+    debug: Debug = False,
+) -> None:
+    """Publish a timm or PEFT export, model card included, on the Hugging Face Hub ([hub] extra; token: HF_TOKEN).
+
+    Examples:
+      adaptune push lora-cifar/ me/lora-cifar --dry-run
+      adaptune push lora-cifar/ me/lora-cifar --private
+    """
+
+    def go() -> None:
+        from adaptune import hub
+
+        if dry_run:
+            plan = hub.plan_upload(export_dir)
+            print(to_json(plan) if json_ else hub.format_plan(plan, repo_id))
+            return
+        report = hub.push(export_dir, repo_id, private=private)
+        print(to_json(report) if json_ else hub.format_push_report(report))
+
+    _run(go, debug)
+
+
+@app.command()
 def methods(
     backbone: Annotated[
         str | None,

@@ -83,7 +83,7 @@ def export(
         method=spec,
         input=spec_in,
         trace_inputs=spec_in.example(TRACE_BATCH, seed=1),
-        manifest=_export_manifest(art, fmt, form),
+        manifest=_export_manifest(art, fmt, form, Path(source)),
     )
     inputs = spec_in.example(VERIFY_BATCH)
     reference = logits(art.model, inputs)
@@ -147,8 +147,9 @@ def format_export_report(report: dict[str, Any]) -> str:
     )
 
 
-def _export_manifest(art: Artifact, fmt: str, form: str) -> dict[str, Any]:
+def _export_manifest(art: Artifact, fmt: str, form: str, source: Path) -> dict[str, Any]:
     from adaptune import __version__
+    from adaptune.exporters.model_card import run_evaluation
 
     keep = (
         "timm_version",
@@ -168,6 +169,7 @@ def _export_manifest(art: Artifact, fmt: str, form: str) -> dict[str, Any]:
         "adaptune_version": __version__,
         "input": art.input.to_dict(),
         "recipe": art.recipe.to_dict(),
+        "evaluation": run_evaluation(source, {**art.manifest, "recipe": art.recipe.to_dict()}),  # model cards
     }
 
 

@@ -153,7 +153,7 @@ def merge(
     deploy, form = to_deploy(art.model, spec, "run", fold)
     state = {k: v.detach().clone() for k, v in deploy.state_dict().items()}
     parity = _check_parity(art, spec, form, state, dtype, out)
-    manifest = _merged_manifest(art, form, dtype, checkpoint, deploy, parity)
+    manifest = _merged_manifest(art, form, dtype, checkpoint, deploy, parity, run_dir)
     artifacts.save_safetensors(state if dtype == "fp32" else parity.pop("cast_state"), out, manifest)
     return {
         "out": str(out),
@@ -199,9 +199,10 @@ def _check_parity(
 
 
 def _merged_manifest(
-    art: Any, form: str, dtype: str, checkpoint: str, deploy: nn.Module, parity: dict[str, Any]
+    art: Any, form: str, dtype: str, checkpoint: str, deploy: nn.Module, parity: dict[str, Any], run_dir: Path
 ) -> dict[str, Any]:
     from adaptune import __version__
+    from adaptune.exporters.model_card import run_evaluation
     from adaptune.methods.common import adapter_modules
 
     extra = [path for path, _ in adapter_modules(deploy)] if form == "merged" else []
@@ -217,6 +218,7 @@ def _merged_manifest(
         "input": art.input.to_dict(),
         "recipe": art.recipe.to_dict(),
         "merge": {k: parity[k] for k in ("max_abs_diff", "tolerance", "cast_max_abs_diff")},
+        "evaluation": run_evaluation(run_dir, {**art.manifest, "recipe": art.recipe.to_dict()}),  # for model cards
     }
 
 

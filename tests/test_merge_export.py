@@ -222,7 +222,7 @@ def test_exported_program_parity(method, runs, merged, tmp_path, images, referen
 def test_timm_export_loads_with_local_dir(method, runs, tmp_path, images, reference):
     out = tmp_path / "exported"
     report = export(runs[method], "timm", out)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == "test_vit" and config["num_classes"] == NUM_CLASSES
     assert config["label_names"] == [f"class_{i}" for i in range(NUM_CLASSES)]

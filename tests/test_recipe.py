@@ -61,7 +61,7 @@ def test_errors_are_collected_with_file_line_and_key(tmp_path):
     path = str(tmp_path / "r.yaml")
     assert (
         f"{path}:7: data.source: unknown data source 'synthetc'; did you mean 'synthetic'? "
-        "(available: builtin, folder, synthetic, vtab)" in problems
+        "(available: builtin, csv, folder, hf, synthetic, vtab)" in problems
     )
     assert f"{path}:9: train.epochs: expected a value >= 1, got -3" in problems
     assert any(p.startswith(f"{path}:10: train.lrr: unknown key; did you mean 'lr'") for p in problems)

@@ -2,7 +2,8 @@
 with keys ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight`` and the head in full (``modules_to_save``).
 
 Possible where every adapter module is a LoRA wrapper over a whole Linear or plain Conv2d (no q/k/v slices of a fused
-qkv: set ``method.qkv: []``) with one rank and scale; verified by loading it with PEFT when PEFT is installed.
+qkv: set ``method.qkv: []``) with one rank and scale; verified by loading it with PEFT when PEFT is installed. A
+model card (``README.md``, `adaptune.exporters.model_card`) says how to load it onto its timm base model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from adaptune.artifacts import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from adaptune.errors import ArtifactError
+from adaptune.exporters import model_card
 from adaptune.exporters.registry import ExportContext, ExportFormat, Runner, register
 from adaptune.files import save_safetensors, write_json
 
@@ -91,6 +93,9 @@ def write(ctx: ExportContext, tmp: Path) -> None:
     config = _peft_config(modules, head)
     write_json(tmp / ADAPTER_CONFIG, config)
     save_safetensors(tensors, tmp / ADAPTER_WEIGHTS, {**ctx.manifest, "peft_config": config})
+    resize = model_card.eval_resize(ctx.artifact.recipe, ctx.input)
+    card = model_card.render(ctx.manifest, method_summary=ctx.method.summary, resize=resize)
+    (tmp / model_card.CARD_FILE).write_text(card, encoding="utf-8")
 
 
 def load(ctx: ExportContext, tmp: Path) -> tuple[Runner | None, str]:
