@@ -555,7 +555,10 @@ def _show_library_warnings() -> None:
     import logging
 
     log = logging.getLogger("adaptune")
-    if not any(getattr(h, "adaptune_cli", False) for h in log.handlers):
+    ours = [h for h in log.handlers if getattr(h, "adaptune_cli", False)]
+    for handler in ours:  # a second main() in one process (tests, notebooks): write to today's stderr
+        handler.setStream(sys.stderr)
+    if not ours:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         handler.adaptune_cli = True  # type: ignore[attr-defined]
