@@ -554,12 +554,21 @@ def _show_library_warnings() -> None:
     """Warnings adaptune's modules log (``logging.getLogger("adaptune...")``) as ``warning: ...`` lines on stderr."""
     import logging
 
+    class StderrHandler(logging.StreamHandler):
+        """Writes to whatever ``sys.stderr`` is at the time of each record (a later main() in the same process, e.g.
+        in tests or notebooks, may have replaced it; a handler bound at the first call would write to a closed file)."""
+
+        @property
+        def stream(self):  # type: ignore[override]
+            return sys.stderr
+
+        @stream.setter
+        def stream(self, value: Any) -> None:
+            pass
+
     log = logging.getLogger("adaptune")
-    ours = [h for h in log.handlers if getattr(h, "adaptune_cli", False)]
-    for handler in ours:  # a second main() in one process (tests, notebooks): write to today's stderr
-        handler.setStream(sys.stderr)
-    if not ours:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(getattr(h, "adaptune_cli", False) for h in log.handlers):
+        handler = StderrHandler()
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         handler.adaptune_cli = True  # type: ignore[attr-defined]
         log.addHandler(handler)
