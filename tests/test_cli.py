@@ -152,11 +152,15 @@ def test_ctrl_c_exits_130_and_resume_finishes(tmp_path):
     assert json.loads(done.stdout)["steps"] == 40 * 3  # 12 images, batch 4
 
 
-def test_version_and_shell_completion():
+def test_version_and_shell_completion(monkeypatch):
     from adaptune import __version__
+
+    # Typer detects the user's shell from the parent process (absent under CI runners and `nohup`); Typer's own
+    # switch turns `--show-completion` into an option that takes the shell's name
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.stdout.strip() == f"adaptune {__version__}"
     result = runner.invoke(app, ["--show-completion", "bash"])
-    assert result.exit_code == 0 and "_adaptune_completion" in result.stdout
+    assert result.exit_code == 0 and "_adaptune_completion" in result.stdout, result.output
     assert "--install-completion" in runner.invoke(app, ["--help"]).stdout
