@@ -20,6 +20,12 @@ EXPECTED = {
     "lora": (294_912, "spec 7.12: r = 8 on q and v (= NOAH's fused qkv count)"),
     "mosa_lora": (294_912, "LoRA r = 8 on q, v: B split into 4 experts, no bias"),
     "mosa": (350_400, "methods-core 2.10: 29,200 per block during training (private up bias per expert)"),
+    "adapterx": (
+        167_744,
+        "methods-core 3.5: 12 x (norm2 1,536 + prompt γ, β 1,536 + router 64 x 16) + CLS 768 + 28 shared experts of "
+        "2 x 64 x 32 + 96 + embeddings 28 x 16 (0.196% of ViT-B/16; paper: 0.20%)",
+    ),
+    "adaptformerx": (167_744, "adapterx with AdaptFormer experts: same structure"),
     "fact_tt": (21_504, "spec 7.7/10.5: FacT-TT r = 8, 1536r + 144r²"),
     "fact_tk": (86_528, "spec 7.7/10.5: FacT-TK r = 32, 1536r + 144r + r³"),
     "convpass": (327_552, "spec 7.9/10.5: dim 8, 24 bypasses of 13,648"),

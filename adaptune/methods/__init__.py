@@ -6,6 +6,7 @@ method first.
 
 from adaptune.methods import (  # noqa: F401  (each module registers its methods on import)
     adapter,
+    adapterx,
     bitfit,
     compacter,
     convpass,
