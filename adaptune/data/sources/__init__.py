@@ -1,6 +1,6 @@
 """Data sources. Each module registers itself; adding a source is one file and one import line here."""
 
-from adaptune.data.sources import builtin, csv, folder, hf_datasets, synthetic, vtab  # noqa: F401
+from adaptune.data.sources import builtin, csv, digits, folder, hf_datasets, structured, synthetic, vtab  # noqa: F401
 from adaptune.data.sources.registry import (
     ArrayImages,
     FileImages,

@@ -1,0 +1,48 @@
+"""The built-in ``digits-1k`` task: real handwritten digits, VTAB-1k-sized, shipped with adaptune (53 kB).
+
+The 1,797 8x8 grayscale digits of the UCI "Optical Recognition of Handwritten Digits" test set (E. Alpaydin and
+C. Kaynak, 1998, CC BY 4.0), from the copy scikit-learn ships: 800 train and 200 val images (80 + 20 per class) and
+the remaining 797 as test (74 to 83 per class), pixels rescaled from 0..16 to 0..255. Built by
+``scripts/build_digits_1k.py``; licence in ``adaptune/datasets/DIGITS_LICENSE.txt``. Deviation from VTAB-1k: the
+test split is everything that is left (VTAB uses each dataset's official test split), and the images are tiny
+(8 px; the pipeline upsamples them to ``data.img_size``).
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import numpy as np
+
+from adaptune.data.sources.builtin import ArraySplits, BuiltinConfig, BuiltinDataset, register_dataset
+
+NPZ = "datasets/digits_1k.npz"
+
+
+@functools.cache
+def _array(name: str) -> np.ndarray:
+    ref = resources.files("adaptune").joinpath(NPZ)
+    with ref.open("rb") as f, np.load(f) as npz:
+        array = npz[name]
+    array.setflags(write=False)
+    return array
+
+
+def digits_1k(options: BuiltinConfig) -> ArraySplits:
+    """The shipped split arrays (``options.seed`` is ignored: the split is fixed)."""
+    return ArraySplits(
+        "digits-1k",
+        tuple(str(c) for c in _array("class_names")),
+        lambda split: (_array(f"{split}_images"), _array(f"{split}_labels")),
+        {split: len(_array(f"{split}_labels")) for split in ("train", "val", "test")},
+    )
+
+
+register_dataset(
+    BuiltinDataset(
+        name="digits-1k",
+        summary="handwritten digits (UCI via scikit-learn), VTAB-1k-sized: 800 train / 200 val / 797 test, 8 px gray",
+        make=digits_1k,
+    )
+)
