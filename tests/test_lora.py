@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+from unittest import mock
 
 import pytest
 import timm
@@ -9,10 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from adaptune.errors import RecipeError, TargetError
-from adaptune.methods.lora import (
+from adaptune.methods.lora import (  # the fast path's kernels, tested directly
+    QKV,
     LoRAConfig,
     LoRAConv2d,
     LoRALinear,
+    _LoRAConvFn,
+    _LoRALinearFn,
     conv_lora_delta,
     fold,
     inject,
@@ -310,3 +316,264 @@ def test_invalid_config_through_the_recipe_validator():
     with pytest.raises(RecipeError, match=r"method\.rank: expected a value >= 1, got 0"):
         method_config("lora", rank=0)
     assert method_config("lora", qkv=[]).qkv == ()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fast path (merged / stacked kernels) against the straightforward formulation
+
+
+def straightforward_linear(m: LoRALinear, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = W x + b``, then each pair's ``s · B A h`` added to its output part, with plain ops (``h = x · mask``)."""
+    y = F.linear(x, m.base.weight, m.base.bias)
+    h = x if mask is None else x * mask
+    keys = ["all"] if "all" in m.pairs else ["q", "k", "v"]
+    parts = list(y.split(m.part_size, dim=-1))
+    for i, key in enumerate(keys):
+        if key in m.pairs:
+            pair = m.pairs[key]
+            parts[i] = parts[i] + m.scale * F.linear(F.linear(h, pair.lora_a.weight), pair.lora_b.weight)
+    return torch.cat(parts, dim=-1)
+
+
+def straightforward_conv(m: LoRAConv2d, x: torch.Tensor) -> torch.Tensor:
+    base, pair = m.base, m.pairs["all"]
+    if type(base) is not nn.Conv2d:  # Conv2dSame pads like TF, then convolves unpadded
+        from timm.layers.padding import pad_same
+
+        x = pad_same(x, base.kernel_size, base.stride, base.dilation)
+    geo = (base.stride, base.padding, base.dilation)
+    y = F.conv2d(x, base.weight, base.bias, *geo)
+    return y + m.scale * F.conv2d(F.conv2d(x, pair.lora_a.weight, None, *geo), pair.lora_b.weight)
+
+
+def randomise(m: nn.Module, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * 0.3)
+
+
+def outputs_and_grads(fn, x: torch.Tensor, params: list[torch.Tensor], seed: int = 5):
+    torch.manual_seed(seed)  # the same dropout mask in both formulations
+    y = fn(x)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(y.dtype)
+    return [y, *torch.autograd.grad(y, [x, *params], gy)]
+
+
+def assert_all_close(got: list[torch.Tensor], expected: list[torch.Tensor], **tol) -> None:
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        torch.testing.assert_close(a, b, msg=lambda m, i=i: f"tensor {i}: {m}", **tol)
+
+
+@contextlib.contextmanager
+def modules_must_not_run(*classes: type):
+    """The fast path computes the base and the pairs without calling any of them."""
+
+    def refuse(self, *args):
+        raise AssertionError(f"{type(self).__name__}.forward called on the fast path")
+
+    with contextlib.ExitStack() as stack:
+        for cls in classes:
+            stack.enter_context(mock.patch.object(cls, "forward", refuse))
+        yield
+
+
+SLICES = [("all",), ("q", "v"), ("q", "k", "v"), ("k",), ("q", "k"), ("v",)]
+
+
+@pytest.mark.parametrize("slices", SLICES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("base_trains", [False, True])
+def test_fast_linear_equals_the_straightforward_formulation(slices, dropout, dtype, base_trains):
+    m = LoRALinear(nn.Linear(12, 18, dtype=dtype), rank=3, alpha=7.5, dropout=dropout, slices=slices).train()
+    randomise(m)
+    m.base.requires_grad_(base_trains)
+    params = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(2, 5, 12, dtype=dtype, requires_grad=True)
+    w0 = m.base.weight.detach().clone()
+    with modules_must_not_run(nn.Linear):
+        got = outputs_and_grads(m, x, params)
+    mask = None
+    if dropout:
+        torch.manual_seed(5)
+        mask = F.dropout(torch.ones_like(x), dropout, training=True)  # the very mask nn.Dropout drew
+    expected = outputs_and_grads(lambda t: straightforward_linear(m, t, mask), x, params)
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    assert_all_close(got, expected, **tol)
+    assert torch.equal(m.base.weight, w0)  # the merged weight is a new tensor
+
+
+def test_fast_linear_without_bias_and_in_eval_and_inference_mode():
+    m = LoRALinear(nn.Linear(8, 24, bias=False), rank=2, dropout=0.5, slices=("q", "v"))
+    randomise(m)
+    x = torch.randn(3, 8)
+    m.eval()  # dropout off: the merged path
+    with torch.inference_mode(), modules_must_not_run(nn.Linear):
+        got = m(x)
+    torch.testing.assert_close(got, straightforward_linear(m, x), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("merge, separate_input", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("offsets, outs", [((0,), (12,)), ((0, 8), (4, 4)), ((4,), (4,))])
+def test_linear_kernel_gradcheck(merge, separate_input, offsets, outs):
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    x, w, b = t(2, 3, 5), t(12, 5), t(12)
+    d = t(2, 3, 5) if separate_input else None
+    factors = [f for o in outs for f in (t(2, 5), t(o, 2))]
+    fn = lambda x, d, w, b, *f: _LoRALinearFn.apply(x, d, w, b, 1.7, offsets, merge, *f)
+    assert torch.autograd.gradcheck(fn, (x, d, w, b, *factors))
+
+
+def test_bf16_weights_take_the_unmerged_path_and_match_fp32():
+    m = LoRALinear(nn.Linear(16, 48), rank=4, slices=("q", "v"))
+    randomise(m)
+    m16 = copy.deepcopy(m).to(torch.bfloat16)
+    x = torch.randn(4, 16, requires_grad=True)
+    x16 = x.detach().to(torch.bfloat16).requires_grad_()
+    params, params16 = list(m.pairs.parameters()), list(m16.pairs.parameters())
+    with modules_must_not_run(nn.Linear):
+        got = outputs_and_grads(m16, x16, params16)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    expected = outputs_and_grads(lambda t: straightforward_linear(m16, t), x16, params16)
+    assert_all_close(got, expected, atol=5e-2, rtol=2e-2)  # two bf16 roundings apart
+    reference = outputs_and_grads(m, x, params)
+    assert_all_close([t.float() for t in got], reference, atol=0.1, rtol=5e-2)
+
+
+def test_autocast_casts_like_f_linear_and_grads_reach_fp32_factors():
+    m = LoRALinear(nn.Linear(16, 48), rank=4, slices=("q", "v"))
+    randomise(m)
+    x = torch.randn(4, 16, requires_grad=True)
+    params = list(m.pairs.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = outputs_and_grads(m, x, params)
+        expected = outputs_and_grads(lambda t: straightforward_linear(m, t), x, params)
+    assert got[0].dtype == torch.bfloat16 and all(t.dtype == torch.float32 for t in got[1:])
+    assert_all_close(got, expected, atol=5e-2, rtol=2e-2)
+
+
+def conv_cases():
+    from timm.layers import Conv2dSame
+
+    return [
+        nn.Conv2d(4, 6, 3, stride=1, padding=1),
+        nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, bias=False),
+        nn.Conv2d(4, 6, 1),
+        Conv2dSame(4, 6, 3, stride=2),
+    ]
+
+
+@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fast_conv_equals_the_straightforward_formulation(case, dtype):
+    base = conv_cases()[case].to(dtype)
+    m = LoRAConv2d(base, rank=3, alpha=6.0)
+    randomise(m)
+    m.base.requires_grad_(True)
+    params = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(2, 4, 9, 9, dtype=dtype, requires_grad=True)
+    with modules_must_not_run(nn.Conv2d, type(base)):
+        got = outputs_and_grads(m, x, params)
+    expected = outputs_and_grads(lambda t: straightforward_conv(m, t), x, params)
+    tol = {"atol": 1e-4, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-11, "rtol": 1e-11}
+    assert_all_close(got, expected, **tol)
+
+
+def test_conv_kernel_gradcheck():
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    x, w, b, a, bb = t(2, 3, 6, 6), t(5, 3, 3, 3), t(5), t(2, 3, 3, 3), t(5, 2, 1, 1)
+    fn = lambda x, w, b, a, bb: _LoRAConvFn.apply(x, w, b, 0.6, ((2, 1), (1, 0), (1, 2)), a, bb)
+    assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
+
+
+def test_conv_with_dropout_calls_the_modules():
+    m = LoRAConv2d(nn.Conv2d(4, 6, 3, padding=1), rank=2, dropout=0.5).train()
+    randomise(m)
+    calls = []
+    m.pairs["all"].lora_a.register_forward_hook(lambda *args: calls.append("a"))
+    m(torch.randn(1, 4, 5, 5))
+    assert calls == ["a"]
+
+
+def test_replaced_pair_modules_are_called():
+    class Counting(nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    m = LoRALinear(nn.Linear(8, 24), rank=2, slices=("q", "v"))
+    randomise(m)
+    x = torch.randn(3, 8)
+    expected = straightforward_linear(m, x)
+    old = m.pairs["v"].lora_a
+    m.pairs["v"].lora_a = Counting(8, 2, bias=False)
+    m.pairs["v"].lora_a.load_state_dict(old.state_dict())
+    torch.testing.assert_close(m(x), expected, atol=1e-6, rtol=1e-5)
+    assert Counting.calls == 1
+
+
+def test_hooks_on_the_base_still_fire():
+    m = LoRALinear(nn.Linear(8, 24), rank=2, slices=("q", "v"))
+    randomise(m)
+    calls = []
+    m.base.register_forward_hook(lambda *args: calls.append("base"))
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(m(x), straightforward_linear(m, x), atol=1e-6, rtol=1e-5)
+    assert calls == ["base"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parity with PEFT's LoRA on equal weights
+
+
+def peft_twin(model: nn.Module, targets: str, rank: int) -> nn.Module:
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=targets)
+    return peft.get_peft_model(copy.deepcopy(model), cfg)
+
+
+@pytest.mark.parametrize("qkv", [(), ("q", "v"), ("k",)])
+def test_outputs_and_grads_equal_peft_with_equal_weights(qkv):
+    backbone = make_vit()
+    ours = copy.deepcopy(backbone)
+    inject(ours, cfg(targets=("blocks.*.attn.qkv", "blocks.*.mlp.fc2"), qkv=qkv))
+    perturb(ours)
+    rank = 8 * max(1, len(qkv))  # q/v slices as one PEFT pair of rank 8·P: A stacked, B block-structured
+    theirs = peft_twin(backbone, r"blocks\.\d+\.(attn\.qkv|mlp\.fc2)", rank)
+    layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for path, m in ours.named_modules():
+            if isinstance(m, LoRALinear):
+                a, b = layers[path].lora_A["default"].weight, layers[path].lora_B["default"].weight
+                a.zero_(), b.zero_()
+                for i, (key, pair) in enumerate(m.pairs.items()):
+                    start = QKV.index(key) * m.part_size if key in QKV else 0
+                    a[8 * i : 8 * (i + 1)] = pair.lora_a.weight
+                    b[start : start + m.part_size, 8 * i : 8 * (i + 1)] = pair.lora_b.weight
+    x = torch.randn(4, 3, 32, 32)
+    ours.train(), theirs.train()
+    got, expected = ours(x), theirs(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    got.square().sum().backward()
+    expected.square().sum().backward()
+    for path, m in ours.named_modules():
+        if isinstance(m, LoRALinear):
+            a, b = layers[path].lora_A["default"].weight.grad, layers[path].lora_B["default"].weight.grad
+            for i, (key, pair) in enumerate(m.pairs.items()):  # each pair's block of PEFT's factors
+                start = QKV.index(key) * m.part_size if key in QKV else 0
+                tol = {"atol": 1e-5, "rtol": 1e-4}
+                torch.testing.assert_close(pair.lora_a.weight.grad, a[8 * i : 8 * (i + 1)], **tol)
+                torch.testing.assert_close(
+                    pair.lora_b.weight.grad, b[start : start + m.part_size, 8 * i : 8 * (i + 1)], **tol
+                )
