@@ -334,7 +334,8 @@ def _start(recipe: Recipe, run_dir: Path, resume: bool, say: Callable[[str], Non
     stop.check("during start-up", "nothing was saved; run the same command again")
     steps_per_epoch = math.ceil(len(loaders.train) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    optimizer, scheduler = _optimizer_and_schedule(b.model, recipe, steps_per_epoch, total_steps)
+    scales = b.spec.lr_scales(b.model, recipe.method) if b.spec.lr_scales is not None else {}
+    optimizer, scheduler = _optimizer_and_schedule(b.model, recipe, steps_per_epoch, total_steps, scales)
     run = Run(
         recipe=recipe,
         dir=run_dir,
@@ -527,18 +528,38 @@ def _training_model(b: Built, dist: Dist, recipe: Recipe) -> nn.Module:
 
 
 def _optimizer_and_schedule(
-    model: nn.Module, recipe: Recipe, steps_per_epoch: int, total_steps: int
+    model: nn.Module, recipe: Recipe, steps_per_epoch: int, total_steps: int, lr_scales: dict[str, float] | None = None
 ) -> tuple[torch.optim.Optimizer, Any]:
-    """timm's optimizer factory (no weight decay on biases, norms, tokens) and its cosine schedule, stepped per step."""
+    """timm's optimizer factory (no weight decay on biases, norms, tokens) and its cosine schedule, stepped per step.
+
+    ``lr_scales`` (parameter name -> factor, from the method's `MethodSpec.lr_scales`) splits timm's weight-decay
+    groups further by factor; each scaled group carries timm's ``lr_scale`` key, which the schedule applies.
+    """
     import timm.optim
     import timm.scheduler
 
     cfg = recipe.train
+    group_fn = None
+    if lr_scales:
+
+        def group_fn(m: nn.Module) -> list[dict[str, Any]]:
+            names = {id(p): n for n, p in m.named_parameters()}
+            keep = getattr(m, "no_weight_decay", set)()  # what timm's factory excludes without a group function
+            groups = []
+            for group in timm.optim.param_groups_weight_decay(m, cfg.weight_decay, no_weight_decay_list=keep):
+                by_scale: dict[float, list[Any]] = {}
+                for p in group["params"]:
+                    by_scale.setdefault(float(lr_scales.get(names[id(p)], 1.0)), []).append(p)
+                for scale in sorted(by_scale, key=lambda f: f != 1.0):  # unscaled first: group 0's lr is logged
+                    groups.append({**group, "params": by_scale[scale], **({"lr_scale": scale} if scale != 1.0 else {})})
+            return groups
+
     optimizer = timm.optim.create_optimizer_v2(
         model,
         opt=cfg.optimizer,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
+        param_group_fn=group_fn,
         **({"eps": cfg.eps} if cfg.optimizer == "adamw" else {"momentum": cfg.momentum}),
     )
     warmup = round(cfg.warmup_epochs * steps_per_epoch)

@@ -529,3 +529,57 @@ def test_shipped_recipes_validate():
     assert (d.normalize, d.interpolation) == ("imagenet", "bilinear")
     fgvc = load_recipe(RECIPES / "mosa_fgvc.yaml")
     assert fgvc.method.bottleneck == 64 and fgvc.data.source == "folder"
+
+
+@pytest.mark.parametrize("name", ["mosa", "mosa_lora"])
+def test_split_lr_scale_scales_only_the_split_tensors(name):
+    from conftest import tiny_recipe
+
+    from adaptune.methods.mosa_split import SplitConv2d, SplitLinear
+    from adaptune.train import _optimizer_and_schedule
+
+    recipe = tiny_recipe(
+        name, method={"split_lr_scale": 8.0}, train={"lr": 0.01, "warmup_epochs": 0, "schedule": "constant"}
+    )
+    model = tiny_backbone()
+    spec = get_method(name)
+    spec.inject(model, recipe.method)
+    model.get_classifier().requires_grad_(True)
+    scales = spec.lr_scales(model, recipe.method)
+    split = {f"{p}.{n}" for p, m in model.named_modules() if isinstance(m, SplitLinear | SplitConv2d)
+             for n, _ in m.named_parameters(recurse=False)}  # fmt: skip
+    assert set(scales) == split and split and set(scales.values()) == {8.0}
+    optimizer, scheduler = _optimizer_and_schedule(model, recipe, 10, 10, scales)
+    scheduler.step_update(1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(lr_of) == trainable  # every trainable parameter once
+    assert all(lr_of[n] == pytest.approx(0.08 if n in split else 0.01) for n in trainable)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)  # the logged lr is train.lr
+    default = method_config(name)
+    assert default.split_lr_scale == 1.0 and spec.lr_scales(model, default) == {}  # the paper's setting by default
+
+
+def test_split_lr_scale_run_resumes_exactly(tmp_path):
+    import os
+    import signal
+
+    from conftest import tiny_recipe
+
+    from adaptune.artifacts import load_safetensors
+    from adaptune.train import Interrupted, train
+
+    recipe = tiny_recipe("mosa", train={"epochs": 2}, method={"split_lr_scale": 4.0})
+    straight = train(recipe, out_dir=tmp_path / "a")
+
+    def interrupt(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(recipe, out_dir=tmp_path / "b", on_step=interrupt)
+    resumed = train(recipe, out_dir=tmp_path / "b", resume=True)
+    a, _ = load_safetensors(straight.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
+    b, _ = load_safetensors(resumed.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -74,12 +74,23 @@ from adaptune.batch import Batch, Loss
 from adaptune.config import opt, with_defaults
 from adaptune.methods.adapter import AdapterBlock, AdapterConfig, BottleneckAdapter
 from adaptune.methods.lora import LoRAConfig
-from adaptune.methods.mosa_split import MAX_EXPERTS, consolidate_splits, mosa_groups, split_module
+from adaptune.methods.mosa_split import (
+    MAX_EXPERTS,
+    SplitConv2d,
+    SplitLinear,
+    consolidate_splits,
+    mosa_groups,
+    split_module,
+)
 from adaptune.methods.registry import LossFn, MethodSpec, register
+
+SPLIT_TYPES = (SplitLinear, SplitConv2d)
 
 _MOSA_HELP = {
     "num_experts": "N: sparse modules each split projection is partitioned into (reference EXPERT_NUM)",
     "consistency_weight": "λ of the two-pass symmetric-KL consistency (reference REG_WEIGHT); 0: one pass, no KL",
+    "split_lr_scale": "learning-rate factor of the split tensors and per-expert biases (each element trains in 1/N of "
+    "the steps); not in the paper, 1: as the paper",
     "seed": "seed of the owner maps and expert draws; null: drawn from torch's global generator at inject (the "
     "trainer seeds it from train.seed before building the model, identically on every process)",
 }
@@ -107,6 +118,7 @@ class MoSAConfig(_MoSAAdapterConfig):
         False, "partition the split projections' biases like their weights; false: each expert owns a full bias row"
     )
     consistency_weight: float = opt(1.0, _MOSA_HELP["consistency_weight"], ge=0.0)
+    split_lr_scale: float = opt(1.0, _MOSA_HELP["split_lr_scale"], gt=0.0)
     deepreg: bool = opt(
         False, "also pull the two passes' outputs of the first half of the blocks together (MSE, 0.01/blocks)"
     )
@@ -126,6 +138,7 @@ class MoSALoRAConfig(LoRAConfig):
         "a", "LoRA factor that stays dense and shared: `a` (split B), `b` (split A) or `none` (split both)"
     )
     consistency_weight: float = opt(1.0, _MOSA_HELP["consistency_weight"], ge=0.0)
+    split_lr_scale: float = opt(1.0, _MOSA_HELP["split_lr_scale"], gt=0.0)
     seed: int | None = opt(None, _MOSA_HELP["seed"])
 
 
@@ -251,6 +264,19 @@ def training_loss(model: nn.Module, cfg: MoSAConfig | MoSALoRAConfig, batch: Bat
     return Loss(sum(terms.values()), z1, terms)
 
 
+def lr_scales(model: nn.Module, cfg: MoSAConfig | MoSALoRAConfig) -> dict[str, float]:
+    """``split_lr_scale`` for every parameter of a split module (weights and per-expert biases); the dense shared
+    projection, norms and head keep ``train.lr``."""
+    if cfg.split_lr_scale == 1.0:
+        return {}
+    return {
+        f"{path}.{name}": cfg.split_lr_scale
+        for path, module in model.named_modules()
+        if isinstance(module, SPLIT_TYPES)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
 def consolidate(model: nn.Module) -> None:
     """Merge every split module into one plain module (``W / N``, mean bias), in place.
 
@@ -275,6 +301,7 @@ register(
         inject=inject,
         consolidate=consolidate,
         training_loss=training_loss,
+        lr_scales=lr_scales,
         identity_at_init=True,
     )
 )
@@ -288,6 +315,7 @@ register(
         consolidate=consolidate,
         fold=fold_lora,
         training_loss=training_loss,
+        lr_scales=lr_scales,
         identity_at_init=True,
     )
 )

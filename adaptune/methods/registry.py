@@ -63,6 +63,9 @@ class MethodSpec:
             exits with what the method observed during the forwards inside it (Adapter-X: expert use per block).
             Evaluation runs inside it; the dict goes into ``metrics.jsonl`` and ``adaptune eval``'s report, and each
             string in its ``"warnings"`` list is logged. ``None``: nothing to report.
+        lr_scales: ``lr_scales(model, cfg) -> {parameter name: factor}``: learning-rate multipliers for some of the
+            trainable parameters (timm's ``lr_scale`` param-group key, applied by the schedule at every step), e.g.
+            MoSA's ``split_lr_scale``. ``None`` or an empty dict: every parameter at ``train.lr``.
         identity_at_init: The untrained method leaves the backbone's outputs unchanged.
         merge_atol: Largest logit difference accepted between the unmerged and merged/folded model (fp32).
         find_unused_parameters: DDP must search for parameters that got no gradient in a step.
@@ -80,6 +83,7 @@ class MethodSpec:
     forward: Callable[[nn.Module, Any, Batch], torch.Tensor] | None = None
     training_loss: Callable[[nn.Module, Any, Batch, LossFn], Loss] | None = None
     diagnostics: Callable[[nn.Module, Any], AbstractContextManager[dict[str, Any]]] | None = None
+    lr_scales: Callable[[nn.Module, Any], dict[str, float]] | None = None
     identity_at_init: bool = True
     merge_atol: float = 1e-5
     find_unused_parameters: bool = False
