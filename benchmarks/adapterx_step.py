@@ -169,8 +169,10 @@ def train_top1(args: argparse.Namespace, out: Path) -> dict[str, dict[str, Any]]
     import yaml
 
     from adaptune.cli import resolve_recipe_path
+    from adaptune.recipe import load_recipe
 
-    raw = yaml.safe_load(resolve_recipe_path("quickstart_adapterx").read_text())  # the whole recipe
+    # the whole recipe, its `base: quickstart` resolved
+    raw = load_recipe(resolve_recipe_path("quickstart_adapterx")).to_dict()
     options = {k: v for k, v in raw["method"].items() if k != "name"}
     x_params = count_method_parameters("tf_efficientnet_lite0", "adapterx", **options)["method"]
     r = matched_bottleneck(x_params, [112, 112, 192, 192, 192])
