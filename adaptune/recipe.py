@@ -617,6 +617,9 @@ def _describe(tp: Any) -> str:
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
 
 
+_YAML_BOOLS = {True: ("on", "yes", "true", "y"), False: ("off", "no", "false", "n")}
+
+
 def _convert(tp: Any, value: Any, dotted: str, where: _Where, errors: list[str]) -> tuple[Any, str | None]:
     """Return (converted value, problem or None)."""
     bad = (None, f"expected {_describe(tp)}, got {_show(value)}")
@@ -627,8 +630,12 @@ def _convert(tp: Any, value: Any, dotted: str, where: _Where, errors: list[str])
         return _convert_union(tp, value, dotted, where, bad)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if value in choices:
+        if value in choices and not (isinstance(value, bool) and all(isinstance(c, str) for c in choices)):
             return value, None
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off/on/no/yes as a bool: take the spelling meant
+            spelled = [c for c in choices if isinstance(c, str) and c.lower() in _YAML_BOOLS[value]]
+            if len(spelled) == 1:
+                return spelled[0], None
         hint = did_you_mean(str(value), [str(c) for c in choices]) if isinstance(value, str) else ""
         return None, f"expected one of {', '.join(repr(c) for c in choices)}, got {value!r}{hint}"
     if origin in (list, tuple):

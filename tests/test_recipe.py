@@ -151,3 +151,14 @@ def test_another_data_source_replaces_the_base_section(tmp_path):
     child.write_text(f"base: r.yaml\ndata: {{source: folder, folder: {{root: {tmp_path}}}}}\n")
     r = load_recipe(child)
     assert r.data.source == "folder" and r.data.options.root == str(tmp_path)
+
+
+def test_bare_off_is_the_choice_off_in_files_and_overrides(tmp_path):
+    # YAML 1.1 reads `off` as false; a choice spelled "off" is what the user meant
+    from adaptune.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("method: {name: linear}\ntrain: {prefix_cache: off}\n")
+    assert load_recipe(path).train.prefix_cache == "off"
+    path.write_text("method: {name: linear}\n")
+    assert load_recipe(path, ["train.prefix_cache=off"]).train.prefix_cache == "off"
