@@ -124,7 +124,7 @@ def interleaved(
 def ratio_stats(ours: list[float], theirs: list[float]) -> dict[str, float]:
     """Median and 10th/90th percentile of the per-round ratios, and the ratio of the medians."""
     rounds = sorted(a / b for a, b in zip(ours, theirs, strict=True))
-    q = statistics.quantiles(rounds, n=10) if len(rounds) > 1 else [rounds[0]] * 9
+    q = statistics.quantiles(rounds, n=10, method="inclusive") if len(rounds) > 1 else [rounds[0]] * 9
     return {
         "median": statistics.median(rounds),
         "p10": q[0],

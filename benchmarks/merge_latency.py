@@ -49,8 +49,7 @@ def tiny_run(model: str, method: str, options: dict, out_dir: Path) -> Path:
             "backbone": {"model": model, "pretrained": False},
             "method": {"name": method, **options},
             "data": {
-                "source": "builtin",
-                "name": "synthetic",
+                "source": "synthetic",
                 "img_size": 224,
                 "synthetic": {"num_classes": 10, "train_per_class": 1, "val_per_class": 1, "test_per_class": 1},
             },

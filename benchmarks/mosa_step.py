@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptune.batch import Batch
 from adaptune.methods import adapter, mosa
 from adaptune.methods.adapter import AdapterConfig, BottleneckAdapter
 from adaptune.methods.mosa import MoSAConfig, symmetric_kl
@@ -97,7 +98,8 @@ def make_step(
     def step() -> None:
         opt.zero_grad(set_to_none=name != "n-copy")  # the reference ran torch 1.11: zero tensors are kept
         if name.startswith("mosa"):
-            loss, _ = mosa.training_loss(model, images, targets, F.cross_entropy)
+            cfg = MoSAConfig(consistency_weight=1.0 if name == "mosa +kl" else 0.0)
+            loss = mosa.training_loss(model, cfg, Batch(images, targets), F.cross_entropy).total
         elif name == "adapter x2":
             z1, z2 = model(torch.cat([images, images])).chunk(2)
             loss = F.cross_entropy(z1, targets) + symmetric_kl(z1, z2)
