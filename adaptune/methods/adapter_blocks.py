@@ -75,16 +75,7 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], style: str) -> lis
             forward pass never calls or whose output is not one tensor of rank 2 to 4.
     """
     auto = tuple(targets) == ("auto",)
-    if auto:
-        kinds = auto_block_classes()
-        paths = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
-        if not paths:
-            raise TargetError(
-                f"method.targets: 'auto' found no known residual block in {type(model).__name__} (known: "
-                f"{describe_classes()}); list module globs instead, e.g. targets: ['blocks.*']"
-            )
-    else:
-        paths = match_targets(model, targets)
+    paths = auto_block_paths(model) if auto else match_targets(model, targets)
     _check_overlap(model, paths)
 
     modules = {p: model.get_submodule(p) for p in paths}
@@ -118,6 +109,22 @@ def resolve_targets(model: nn.Module, targets: Sequence[str], style: str) -> lis
             "style 'parallel' needs; use style: post"
         )
     return out
+
+
+def auto_block_paths(model: nn.Module) -> list[str]:
+    """``targets: [auto]``: the paths of the model's residual blocks the families know (`adaptune.families`).
+
+    Raises:
+        TargetError: The model has none.
+    """
+    kinds = auto_block_classes()
+    paths = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
+    if not paths:
+        raise TargetError(
+            f"method.targets: 'auto' found no known residual block in {type(model).__name__} (known: "
+            f"{describe_classes()}); list module globs instead, e.g. targets: ['blocks.*']"
+        )
+    return paths
 
 
 def _check_overlap(model: nn.Module, paths: list[str]) -> None:

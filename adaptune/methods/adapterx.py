@@ -67,8 +67,8 @@ from torch import nn
 from adaptune.batch import Batch, Loss
 from adaptune.config import opt, with_defaults
 from adaptune.errors import TargetError
-from adaptune.families import auto_block_classes, describe_classes, family_of
-from adaptune.methods.adapter_blocks import channel_layout, probe_shapes
+from adaptune.families import family_of
+from adaptune.methods.adapter_blocks import auto_block_paths, channel_layout, probe_shapes
 from adaptune.methods.adapterx_routing import ExpertEmbeddings, ExpertPool, Routing, balance_loss, smoa
 from adaptune.methods.common import SharedRef, adapter_modules, match_targets, replace_module, share
 from adaptune.methods.registry import LossFn, MethodSpec, register
@@ -307,16 +307,7 @@ def resolve(model: nn.Module, targets: tuple[str, ...]) -> list[_Target]:
         TargetError: No block, an adapted or nested target, a shape-changing black-box target.
     """
     auto = tuple(targets) == ("auto",)
-    if auto:
-        kinds = auto_block_classes()
-        paths = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
-        if not paths:
-            raise TargetError(
-                f"method.targets: 'auto' found no known block in {type(model).__name__} (known: {describe_classes()});"
-                " list module globs instead, e.g. targets: ['blocks.*']"
-            )
-    else:
-        paths = match_targets(model, targets)
+    paths = auto_block_paths(model) if auto else match_targets(model, targets)
     owners = [name for name, _ in adapter_modules(model)]
     for p in paths:
         if any(p == o or p.startswith(o + ".") for o in owners) or any(p.startswith(q + ".") for q in paths):

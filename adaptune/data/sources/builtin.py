@@ -109,21 +109,27 @@ class ArraySplits:
 
 
 @functools.cache
-def _fashion_arrays(name: str) -> np.ndarray:
-    ref = resources.files("adaptune").joinpath("datasets/fashion_mnist_1k.npz")
+def _shipped_array(npz_file: str, key: str) -> np.ndarray:
+    """One read-only array of a ``.npz`` shipped in ``adaptune/datasets/`` (each read once per process)."""
+    ref = resources.files("adaptune").joinpath("datasets", npz_file)
     with ref.open("rb") as f, np.load(f) as npz:
-        array = npz[name]
+        array = npz[key]
     array.setflags(write=False)
     return array
 
 
-def fashion_mnist_1k(options: BuiltinConfig) -> ArraySplits:
+def shipped_splits(name: str, npz_file: str) -> ArraySplits:
+    """A task shipped as ``{train,val,test}_{images,labels}`` and ``class_names`` arrays in one ``.npz``."""
     return ArraySplits(
-        "fashion-mnist-1k",
-        tuple(str(c) for c in _fashion_arrays("class_names")),
-        lambda split: (_fashion_arrays(f"{split}_images"), _fashion_arrays(f"{split}_labels")),
-        {split: len(_fashion_arrays(f"{split}_labels")) for split in ("train", "val", "test")},
+        name,
+        tuple(str(c) for c in _shipped_array(npz_file, "class_names")),
+        lambda split: (_shipped_array(npz_file, f"{split}_images"), _shipped_array(npz_file, f"{split}_labels")),
+        {split: len(_shipped_array(npz_file, f"{split}_labels")) for split in ("train", "val", "test")},
     )
+
+
+def fashion_mnist_1k(options: BuiltinConfig) -> ArraySplits:
+    return shipped_splits("fashion-mnist-1k", "fashion_mnist_1k.npz")
 
 
 register(

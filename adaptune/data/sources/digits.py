@@ -10,33 +10,12 @@ test split is everything that is left (VTAB uses each dataset's official test sp
 
 from __future__ import annotations
 
-import functools
-from importlib import resources
-
-import numpy as np
-
-from adaptune.data.sources.builtin import ArraySplits, BuiltinConfig, BuiltinDataset, register_dataset
-
-NPZ = "datasets/digits_1k.npz"
-
-
-@functools.cache
-def _array(name: str) -> np.ndarray:
-    ref = resources.files("adaptune").joinpath(NPZ)
-    with ref.open("rb") as f, np.load(f) as npz:
-        array = npz[name]
-    array.setflags(write=False)
-    return array
+from adaptune.data.sources.builtin import ArraySplits, BuiltinConfig, BuiltinDataset, register_dataset, shipped_splits
 
 
 def digits_1k(options: BuiltinConfig) -> ArraySplits:
     """The shipped split arrays (``options.seed`` is ignored: the split is fixed)."""
-    return ArraySplits(
-        "digits-1k",
-        tuple(str(c) for c in _array("class_names")),
-        lambda split: (_array(f"{split}_images"), _array(f"{split}_labels")),
-        {split: len(_array(f"{split}_labels")) for split in ("train", "val", "test")},
-    )
+    return shipped_splits("digits-1k", "digits_1k.npz")
 
 
 register_dataset(
