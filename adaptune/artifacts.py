@@ -199,12 +199,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in state.items()}
 
 
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
-    """Load a saved adapter state into an injected model; every saved tensor must find its place.
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path, noun: str) -> None:
+    """Every tensor of ``state`` has a place in ``model`` with the same shape; ``noun`` names the file in the error.
 
     Raises:
-        ArtifactError: A tensor with no place in the model, or with the wrong shape (another backbone, method options
-            or class count).
+        ArtifactError: The first tensor with no place, or with the wrong shape (another backbone, method options or
+            class count).
     """
     from adaptune.backbone import head_path
 
@@ -213,14 +213,24 @@ def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: 
     for key, tensor in state.items():
         if key not in own:
             raise ArtifactError(
-                f"{where}: tensor {key!r} has no place in the model; the checkpoint is for another backbone or method"
+                f"{where}: tensor {key!r} has no place in the model; the {noun} is for another backbone or method"
             )
         if own[key].shape != tensor.shape:
-            hint = "class count" if head and key.startswith(head + ".") else "backbone or method options"
+            what = "class count" if head and key.startswith(head + ".") else "backbone or method options"
             raise ArtifactError(
                 f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}; "
-                f"the checkpoint was made with another {hint}"
+                f"the {noun} was made with another {what}"
             )
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], where: str | Path) -> None:
+    """Load a saved adapter state into an injected model; every saved tensor must find its place.
+
+    Raises:
+        ArtifactError: A tensor with no place in the model, or with the wrong shape (another backbone, method options
+            or class count).
+    """
+    check_state_fits(model, state, where, "checkpoint")
     model.load_state_dict(state, strict=False)
 
 

@@ -165,21 +165,8 @@ def load_full_state(model: nn.Module, state: dict[str, torch.Tensor], where: str
         ArtifactError: A tensor with no place in the model, a missing tensor, or a shape that does not fit (the file
             was made for another backbone, method options or class count).
     """
-    from adaptune.backbone import head_path
-
+    artifacts.check_state_fits(model, state, where, "file")
     own = model.state_dict()
-    head = head_path(model)
-    for key, tensor in state.items():
-        if key not in own:
-            raise ArtifactError(
-                f"{where}: tensor {key!r} has no place in the model; the file is for another backbone or method"
-            )
-        if own[key].shape != tensor.shape:
-            what = "class count" if head and key.startswith(head + ".") else "backbone or method options"
-            raise ArtifactError(
-                f"{where}: tensor {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(own[key].shape)}; "
-                f"the file was made with another {what}"
-            )
     missing = [k for k in own if k not in state]
     if missing:
         raise ArtifactError(

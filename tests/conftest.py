@@ -35,6 +35,30 @@ def tiny_recipe(name: str = "linear", tmp_path=None, **sections):
     return recipe_from_dict(raw)
 
 
+def interrupted_and_resumed(recipe, out_dir, at_step: int):
+    """Train ``recipe`` into ``out_dir``, Ctrl-C it (a real SIGINT) at step ``at_step``, resume it to the end; the
+    resumed run's result."""
+    import os
+    import signal
+
+    from adaptune.train import Interrupted, train
+
+    def interrupt(step: int) -> None:
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(Interrupted):
+        train(recipe, out_dir=out_dir, on_step=interrupt)
+    return train(recipe, out_dir=out_dir, resume=True)
+
+
+def last_weights(run_dir) -> dict[str, torch.Tensor]:
+    """The tensors of a run's ``checkpoints/last/adapter_model.safetensors``."""
+    from adaptune.artifacts import load_safetensors
+
+    return load_safetensors(run_dir / "checkpoints" / "last" / "adapter_model.safetensors")[0]
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +12,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import tiny_recipe
+from conftest import interrupted_and_resumed, last_weights, tiny_recipe
 from typer.testing import CliRunner
 
 import adaptune.methods.adapterx as adapterx
@@ -30,7 +28,7 @@ from adaptune.methods.adapterx import AdapterXBlock, AdapterXHeadPool, recording
 from adaptune.methods.adapterx_routing import ExpertPool, Routing, balance_loss, dispatch, route
 from adaptune.methods.registry import get_method
 from adaptune.recipe import method_config
-from adaptune.train import Interrupted, train
+from adaptune.train import train
 
 EXPERT_KEYS = [f"adaptune_shared.adapterx_experts.{p}.{t}" for p in ("down", "up") for t in ("weight", "bias")]
 runner = CliRunner()
@@ -238,16 +236,8 @@ def test_train_resume_merge_export_and_expert_use(tmp_path):
         train={"epochs": 2, "lr": 2e-2, "warmup_epochs": 0.0, "log_every": 1},
     )
     straight = train(recipe, out_dir=tmp_path / "straight")
-
-    def interrupt(step: int) -> None:
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        train(recipe, out_dir=tmp_path / "resumed", on_step=interrupt)
-    resumed = train(recipe, out_dir=tmp_path / "resumed", resume=True)
-    a, _ = load_safetensors(straight.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
-    b, _ = load_safetensors(resumed.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
+    resumed = interrupted_and_resumed(recipe, tmp_path / "resumed", at_step=5)
+    a, b = last_weights(straight.run_dir), last_weights(resumed.run_dir)
     assert a.keys() == b.keys() and set(EXPERT_KEYS) <= set(a) and {"cls_token", "blocks.0.base.norm2.weight"} <= set(a)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=0, rtol=0, msg=key)

@@ -3,20 +3,15 @@ workers, exactly resumable, evaluation centre-cropped, and the model's randomnes
 
 from __future__ import annotations
 
-import os
-import signal
-
-import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import interrupted_and_resumed, last_weights, tiny_recipe
 
-from adaptune.artifacts import load_safetensors
 from adaptune.batch import InputSpec
 from adaptune.data import build_eval_loader, build_loaders
 from adaptune.data.pipeline import center_crop
 from adaptune.data.sources.synthetic import SyntheticConfig
 from adaptune.recipe import AugmentConfig, DataConfig
-from adaptune.train import Interrupted, train
+from adaptune.train import train
 
 FULL = AugmentConfig(crop="random_resized", auto_augment="rand-m9-mstd0.5", re_prob=0.5, mixup=0.8, cutmix=1.0)
 SPEC = InputSpec(shape=(3, 24, 24), mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -77,14 +72,6 @@ def test_training_with_augmentation_resumes_exactly(tmp_path):
     lines: list[str] = []
     straight = train(recipe, out_dir=tmp_path / "a", log=lines.append)
     assert not any(line.startswith("prefix cache: on") for line in lines)
-
-    def interrupt(step):
-        if step == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        train(recipe, out_dir=tmp_path / "b", on_step=interrupt)
-    resumed = train(recipe, out_dir=tmp_path / "b", resume=True)
-    a, _ = load_safetensors(straight.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
-    b, _ = load_safetensors(resumed.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
+    resumed = interrupted_and_resumed(recipe, tmp_path / "b", at_step=5)
+    a, b = last_weights(straight.run_dir), last_weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,14 +8,12 @@ shared by every block, and inputs that are not 3-channel squares.
 from __future__ import annotations
 
 import json
-import os
-import signal
 from dataclasses import dataclass
 
 import pytest
 import timm
 import torch
-from conftest import tiny_recipe
+from conftest import interrupted_and_resumed, tiny_recipe
 from torch import nn
 
 from adaptune.artifacts import load_safetensors
@@ -29,7 +27,7 @@ from adaptune.loading import load_artifact
 from adaptune.merge import logits, merge
 from adaptune.methods import MethodSpec, registered
 from adaptune.methods.common import SharedRef, match_targets, replace_module, share
-from adaptune.train import Interrupted, train
+from adaptune.train import train
 
 
 @dataclass(frozen=True)
@@ -246,14 +244,7 @@ def test_shared_module_is_stored_once_resumes_and_merges(tmp_path):
         pool_keys = sorted(k for k in tensors if "pool" in k)
         assert pool_keys == ["adaptune_shared.pool.bias", "adaptune_shared.pool.weight"], "stored once"
         assert straight.summary["trainable_params"] == sum(t.numel() for t in tensors.values())
-
-        def interrupt(step: int) -> None:
-            if step == 5:
-                os.kill(os.getpid(), signal.SIGINT)
-
-        with pytest.raises(Interrupted):
-            train(recipe, out_dir=tmp_path / "resumed", on_step=interrupt)
-        resumed = train(recipe, out_dir=tmp_path / "resumed", resume=True)
+        resumed = interrupted_and_resumed(recipe, tmp_path / "resumed", at_step=5)
         again, _ = load_safetensors(resumed.run_dir / "adapter_model.safetensors")
         for key in tensors:
             torch.testing.assert_close(again[key], tensors[key], atol=0, rtol=0, msg=key)

@@ -562,24 +562,12 @@ def test_split_lr_scale_scales_only_the_split_tensors(name):
 
 
 def test_split_lr_scale_run_resumes_exactly(tmp_path):
-    import os
-    import signal
+    from conftest import interrupted_and_resumed, last_weights, tiny_recipe
 
-    from conftest import tiny_recipe
-
-    from adaptune.artifacts import load_safetensors
-    from adaptune.train import Interrupted, train
+    from adaptune.train import train
 
     recipe = tiny_recipe("mosa", train={"epochs": 2}, method={"split_lr_scale": 4.0})
     straight = train(recipe, out_dir=tmp_path / "a")
-
-    def interrupt(step):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        train(recipe, out_dir=tmp_path / "b", on_step=interrupt)
-    resumed = train(recipe, out_dir=tmp_path / "b", resume=True)
-    a, _ = load_safetensors(straight.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
-    b, _ = load_safetensors(resumed.run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
+    resumed = interrupted_and_resumed(recipe, tmp_path / "b", at_step=3)
+    a, b = last_weights(straight.run_dir), last_weights(resumed.run_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

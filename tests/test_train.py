@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import tiny_backbone, tiny_recipe
+from conftest import interrupted_and_resumed, tiny_backbone, tiny_recipe
 
 from adaptune.artifacts import load_safetensors
 from adaptune.errors import ArtifactError, DivergenceError
@@ -113,14 +113,7 @@ def test_ema_weights_are_validated_kept_resumed_and_merged(tmp_path):
     raw = torch.load(straight.run_dir / "checkpoints" / "last" / "trainer_state.pt", weights_only=True)["raw_weights"]
     key = next(k for k in saved if "lora_b" in k)
     assert not torch.equal(saved[key], raw[key]), "the checkpoint keeps EMA and raw weights apart"
-
-    def interrupt(step: int) -> None:
-        if step == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    with pytest.raises(Interrupted):
-        train(recipe, out_dir=tmp_path / "resumed", on_step=interrupt)
-    resumed = train(recipe, out_dir=tmp_path / "resumed", resume=True)
+    resumed = interrupted_and_resumed(recipe, tmp_path / "resumed", at_step=6)
     a, b = final_weights(straight.run_dir), final_weights(resumed.run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a), "resume equals uninterrupted, EMA included"
 
