@@ -779,7 +779,10 @@ def _warn_if_stuck(run: Run, record: dict[str, Any], num_classes: int) -> None:
     """Say (once, in the log and the summary) when a run sits at chance after warm-up: the loss has not fallen from
     where a zero head starts (log of the class count) and accuracy is at chance, the usual sign of a learning rate
     too high for the frozen features (PEFT's LoRA at lr 3e-3 collapsed this way on two of six small tasks)."""
-    warmup_done = run.state.step >= max(1, round(run.recipe.train.warmup_epochs * run.steps_per_epoch))
+    # judge only an epoch that ran wholly after warm-up: an epoch's mean training loss and top-1 include its warm-up
+    # steps, where a healthy run still sits at chance (every trainval run with one warm-up epoch was flagged so)
+    warmup_steps = round(run.recipe.train.warmup_epochs * run.steps_per_epoch)
+    warmup_done = run.state.step - run.steps_per_epoch >= warmup_steps
     if not warmup_done or num_classes < 3 or any(w.startswith("stuck at chance") for w in run.state.warnings):
         return
     chance = 100.0 / num_classes

@@ -236,7 +236,32 @@ def test_a_run_stuck_at_chance_is_said_in_the_log_and_the_summary(tmp_path):
     with registered(flat):
         result = train(tiny_recipe("test_flat", tmp_path, train={"epochs": 3, "warmup_epochs": 1}), log=lines.append)
     (warning,) = result.summary["warnings"]
-    assert warning.startswith("stuck at chance after epoch 1:") and "lower train.lr (now 0.001)" in warning
+    assert warning.startswith("stuck at chance after epoch 2:") and "lower train.lr (now 0.001)" in warning
     assert sum("stuck at chance" in line for line in lines) == 1, "said once"
     healthy = train(tiny_recipe("lora", tmp_path / "h", train={"epochs": 3}))
     assert healthy.summary["warnings"] == []
+
+
+def test_a_run_at_chance_only_during_warm_up_is_not_called_stuck(tmp_path):
+    """An epoch's mean training loss includes its warm-up steps; a run that learns once warm-up is over is healthy
+    (a trainval run, judged on training metrics, was flagged after its one warm-up epoch and ended at 90% top-1)."""
+    calls = {"train": 0}
+
+    def late(model, cfg, batch):
+        if model.training:
+            calls["train"] += 1
+        return model(batch.inputs) * (0.0 if calls["train"] <= 4 else 1.0)  # 4 steps per epoch: epoch 1 is flat
+
+    spec = MethodSpec(name="test_late", summary="", config_cls=NoOptions, inject=lambda m, c: [], forward=late)
+    with registered(spec):
+        recipe = tiny_recipe(
+            "test_late",
+            tmp_path,
+            data={"train_split": "trainval", "val_split": None},
+            train={"epochs": 3, "warmup_epochs": 1, "lr": 3e-2},
+        )
+        result = train(recipe)
+    records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_top1 = [r["train_top1"] for r in records if "train_top1" in r]
+    assert train_top1[0] <= 1.5 * 25.0 < train_top1[-1], train_top1  # at chance in warm-up, learning after
+    assert result.summary["warnings"] == []
