@@ -138,6 +138,21 @@ def stale_keys(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not k.startswith(("name", "output.")))
 
 
+def same_finished_run(task_dir: Path, current: dict[str, Any]) -> Path | None:
+    """A finished run of ``task_dir`` whose stored recipe resolves to ``current`` (``name`` and ``output`` ignored):
+    a recipe that only changed its file (a shipped recipe now spelling out what a tried one set) trains the same."""
+    import yaml
+
+    for stored_file in sorted(task_dir.glob("*/recipe.yaml")):
+        if (stored_file.parent / "summary.json").exists():
+            stored = _flat(yaml.safe_load(stored_file.read_text()))
+            if {k: v for k, v in stored.items() if not k.startswith(("name", "output."))} == {
+                k: v for k, v in _flat(current).items() if not k.startswith(("name", "output."))
+            }:
+                return stored_file.parent
+    return None
+
+
 def run_adaptune(name: str, task: str, seed: int, p: Protocol, root: Path) -> dict[str, Any]:
     """Train recipe ``name`` on ``task`` (or reuse a finished run); the run's suite record.
 
@@ -157,6 +172,8 @@ def run_adaptune(name: str, task: str, seed: int, p: Protocol, root: Path) -> di
     stored_file = run_dir / "recipe.yaml"
     if stored_file.exists() and stale_keys(yaml.safe_load(stored_file.read_text()), current):
         run_dir = run_dir.with_name(f"{run_dir.name.rsplit('-s', 1)[0]}-{_digest(current)}-s{seed}")
+    if not (run_dir / "summary.json").exists():
+        run_dir = same_finished_run(root / task, current) or run_dir
     summary_file = run_dir / "summary.json"
     if summary_file.exists():
         summary = json.loads(summary_file.read_text())

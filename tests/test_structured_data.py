@@ -263,3 +263,19 @@ def test_suite_reuses_runs_unless_a_shared_key_changed(suite):
     stored = {"name": "a", "train": {"lr": 1e-3, "epochs": 10}, "output": {"dir": "x"}}
     assert suite.stale_keys(stored, {"name": "b", "train": {"lr": 1e-3, "epochs": 10, "ema": False}}) == []
     assert suite.stale_keys(stored, {"train": {"lr": 4e-3, "epochs": 10}, "output": {"dir": "y"}}) == ["train.lr"]
+
+
+def test_suite_reuses_a_finished_run_of_the_same_resolved_recipe_under_another_name(suite, tmp_path):
+    import yaml
+
+    tried = {"name": "tried", "method": {"name": "adapter", "bottleneck": 64}, "train": {"lr": 3e-3}, "output": {}}
+    for run, recipe, finished in [("tried-1-s0", tried, True), ("other-2-s0", {**tried, "train": {"lr": 1e-3}}, True)]:
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+        if finished:
+            (tmp_path / run / "summary.json").write_text("{}")
+    shipped = {**tried, "name": "quickstart", "output": {"dir": "elsewhere"}}
+    assert suite.same_finished_run(tmp_path, shipped) == tmp_path / "tried-1-s0"
+    assert suite.same_finished_run(tmp_path, {**shipped, "train": {"lr": 6e-3}}) is None
+    (tmp_path / "tried-1-s0" / "summary.json").unlink()
+    assert suite.same_finished_run(tmp_path, shipped) is None, "an unfinished run is not reused"
