@@ -138,6 +138,11 @@ def stale_keys(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     return sorted(k for k in a.keys() & b.keys() if a[k] != b[k] and not k.startswith(("name", "output.")))
 
 
+def _settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe's flat keys that decide its training (all but ``name`` and ``output``)."""
+    return {k: v for k, v in _flat(recipe).items() if k.split(".")[0] not in ("name", "output")}
+
+
 def same_finished_run(task_dir: Path, current: dict[str, Any]) -> Path | None:
     """A finished run of ``task_dir`` whose stored recipe resolves to ``current`` (``name`` and ``output`` ignored):
     a recipe that only changed its file (a shipped recipe now spelling out what a tried one set) trains the same."""
@@ -145,10 +150,7 @@ def same_finished_run(task_dir: Path, current: dict[str, Any]) -> Path | None:
 
     for stored_file in sorted(task_dir.glob("*/recipe.yaml")):
         if (stored_file.parent / "summary.json").exists():
-            stored = _flat(yaml.safe_load(stored_file.read_text()))
-            if {k: v for k, v in stored.items() if not k.startswith(("name", "output."))} == {
-                k: v for k, v in _flat(current).items() if not k.startswith(("name", "output."))
-            }:
+            if _settings(yaml.safe_load(stored_file.read_text())) == _settings(current):
                 return stored_file.parent
     return None
 
