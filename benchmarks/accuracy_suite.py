@@ -149,9 +149,9 @@ def same_finished_run(task_dir: Path, current: dict[str, Any]) -> Path | None:
     import yaml
 
     for stored_file in sorted(task_dir.glob("*/recipe.yaml")):
-        if (stored_file.parent / "summary.json").exists():
-            if _settings(yaml.safe_load(stored_file.read_text())) == _settings(current):
-                return stored_file.parent
+        finished = (stored_file.parent / "summary.json").exists()
+        if finished and _settings(yaml.safe_load(stored_file.read_text())) == _settings(current):
+            return stored_file.parent
     return None
 
 
