@@ -783,11 +783,19 @@ def _warn_if_stuck(run: Run, record: dict[str, Any], num_classes: int) -> None:
     # steps, where a healthy run still sits at chance (every trainval run with one warm-up epoch was flagged so)
     warmup_steps = round(run.recipe.train.warmup_epochs * run.steps_per_epoch)
     warmup_done = run.state.step - run.steps_per_epoch >= warmup_steps
-    if not warmup_done or num_classes < 3 or any(w.startswith("stuck at chance") for w in run.state.warnings):
+    if not warmup_done or num_classes < 3:
         return
     chance = 100.0 / num_classes
     top1, split = (record["val_top1"], "validation") if "val_top1" in record else (record["train_top1"], "training")
-    if top1 < 1.5 * chance and record["train_loss"] > 0.9 * math.log(num_classes):
+    at_chance = top1 < 1.5 * chance and record["train_loss"] > 0.9 * math.log(num_classes)
+    said = [i for i, w in enumerate(run.state.warnings) if w.startswith("stuck at chance")]
+    if said:  # a run that leaves chance later says so, in the log and in the summary's warning
+        i = said[0]
+        if not at_chance and "; left chance" not in run.state.warnings[i]:
+            run.state.warnings[i] += f"; left chance at epoch {record['epoch']} ({split} top-1 {top1:.1f}%)"
+            run.say(f"note: left chance level at epoch {record['epoch']}: {split} top-1 {top1:.1f}%")
+        return
+    if at_chance:
         warning = (
             f"stuck at chance after epoch {record['epoch']}: {split} top-1 {top1:.1f}% (chance {chance:.1f}%), "
             f"training loss {record['train_loss']:.3f} (log of the {num_classes} classes: "

@@ -250,7 +250,7 @@ def test_a_run_at_chance_only_during_warm_up_is_not_called_stuck(tmp_path):
     def late(model, cfg, batch):
         if model.training:
             calls["train"] += 1
-        return model(batch.inputs) * (0.0 if calls["train"] <= 4 else 1.0)  # 4 steps per epoch: epoch 1 is flat
+        return model(batch.inputs) * (0.0 if calls["train"] <= 6 else 1.0)  # 6 steps per epoch: epoch 1 is flat
 
     spec = MethodSpec(name="test_late", summary="", config_cls=NoOptions, inject=lambda m, c: [], forward=late)
     with registered(spec):
@@ -265,3 +265,29 @@ def test_a_run_at_chance_only_during_warm_up_is_not_called_stuck(tmp_path):
     train_top1 = [r["train_top1"] for r in records if "train_top1" in r]
     assert train_top1[0] <= 1.5 * 25.0 < train_top1[-1], train_top1  # at chance in warm-up, learning after
     assert result.summary["warnings"] == []
+
+
+def test_a_run_that_leaves_chance_after_the_warning_says_so(tmp_path):
+    """MoSA on count-1k sat at chance for two epochs after warm-up, then learned (59% training top-1): the summary
+    must not leave the user with "stuck" alone."""
+    calls = {"train": 0}
+
+    def slow_start(model, cfg, batch):
+        if model.training:
+            calls["train"] += 1
+        return model(batch.inputs) * (0.0 if calls["train"] <= 12 else 1.0)  # epochs 1-2 flat (6 steps each)
+
+    spec = MethodSpec(name="test_slow", summary="", config_cls=NoOptions, inject=lambda m, c: [], forward=slow_start)
+    lines: list[str] = []
+    with registered(spec):
+        recipe = tiny_recipe(
+            "test_slow",
+            tmp_path,
+            data={"train_split": "trainval", "val_split": None},
+            train={"epochs": 4, "warmup_epochs": 1, "lr": 3e-2},
+        )
+        result = train(recipe, log=lines.append)
+    (warning,) = result.summary["warnings"]
+    assert warning.startswith("stuck at chance after epoch 2:")
+    assert "; left chance at epoch 3 (training top-1" in warning
+    assert sum(line.startswith("note: left chance level at epoch 3") for line in lines) == 1
