@@ -242,25 +242,30 @@ def test_a_run_stuck_at_chance_is_said_in_the_log_and_the_summary(tmp_path):
     assert healthy.summary["warnings"] == []
 
 
+def _train_flat_for(tmp_path, flat_steps: int, epochs: int, **kwargs):
+    """Train a trainval run (6 steps per epoch, one warm-up epoch) whose logits stay 0, at chance, for its first
+    ``flat_steps`` training steps and then learn."""
+    calls = {"train": 0}
+
+    def forward(model, cfg, batch):
+        calls["train"] += model.training
+        return model(batch.inputs) * (0.0 if calls["train"] <= flat_steps else 1.0)
+
+    spec = MethodSpec(name="test_flat_for", summary="", config_cls=NoOptions, inject=lambda m, c: [], forward=forward)
+    with registered(spec):
+        recipe = tiny_recipe(
+            "test_flat_for",
+            tmp_path,
+            data={"train_split": "trainval", "val_split": None},
+            train={"epochs": epochs, "warmup_epochs": 1, "lr": 3e-2},
+        )
+        return train(recipe, **kwargs)
+
+
 def test_a_run_at_chance_only_during_warm_up_is_not_called_stuck(tmp_path):
     """An epoch's mean training loss includes its warm-up steps; a run that learns once warm-up is over is healthy
     (a trainval run, judged on training metrics, was flagged after its one warm-up epoch and ended at 90% top-1)."""
-    calls = {"train": 0}
-
-    def late(model, cfg, batch):
-        if model.training:
-            calls["train"] += 1
-        return model(batch.inputs) * (0.0 if calls["train"] <= 6 else 1.0)  # 6 steps per epoch: epoch 1 is flat
-
-    spec = MethodSpec(name="test_late", summary="", config_cls=NoOptions, inject=lambda m, c: [], forward=late)
-    with registered(spec):
-        recipe = tiny_recipe(
-            "test_late",
-            tmp_path,
-            data={"train_split": "trainval", "val_split": None},
-            train={"epochs": 3, "warmup_epochs": 1, "lr": 3e-2},
-        )
-        result = train(recipe)
+    result = _train_flat_for(tmp_path, flat_steps=6, epochs=3)  # 6 steps per epoch: epoch 1 is flat
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     train_top1 = [r["train_top1"] for r in records if "train_top1" in r]
     assert train_top1[0] <= 1.5 * 25.0 < train_top1[-1], train_top1  # at chance in warm-up, learning after
@@ -270,23 +275,8 @@ def test_a_run_at_chance_only_during_warm_up_is_not_called_stuck(tmp_path):
 def test_a_run_that_leaves_chance_after_the_warning_says_so(tmp_path):
     """MoSA on count-1k sat at chance for two epochs after warm-up, then learned (59% training top-1): the summary
     must not leave the user with "stuck" alone."""
-    calls = {"train": 0}
-
-    def slow_start(model, cfg, batch):
-        if model.training:
-            calls["train"] += 1
-        return model(batch.inputs) * (0.0 if calls["train"] <= 12 else 1.0)  # epochs 1-2 flat (6 steps each)
-
-    spec = MethodSpec(name="test_slow", summary="", config_cls=NoOptions, inject=lambda m, c: [], forward=slow_start)
     lines: list[str] = []
-    with registered(spec):
-        recipe = tiny_recipe(
-            "test_slow",
-            tmp_path,
-            data={"train_split": "trainval", "val_split": None},
-            train={"epochs": 4, "warmup_epochs": 1, "lr": 3e-2},
-        )
-        result = train(recipe, log=lines.append)
+    result = _train_flat_for(tmp_path, flat_steps=12, epochs=4, log=lines.append)  # epochs 1-2 flat
     (warning,) = result.summary["warnings"]
     assert warning.startswith("stuck at chance after epoch 2:")
     assert "; left chance at epoch 3 (training top-1" in warning
